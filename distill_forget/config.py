@@ -1,0 +1,51 @@
+"""Configs: OmegaConf YAML files in `configs/`, merged with `key=value` command-line overrides.
+
+Every command of the project reads its defaults from one YAML file here and nowhere else.
+"""
+
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR.parent / "configs"
+MINICANVAS_DIR = PACKAGE_DIR / "assets" / "minicanvas"  # the shipped model and judge
+
+
+def load_config(name: str, argv: list[str] | None = None, doc: str = "") -> DictConfig:
+    """`configs/<name>.yaml` merged with `key=value` arguments; `--help` prints both and exits."""
+    argv = sys.argv[1:] if argv is None else argv
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found (is the repository checked out whole?)")
+    base = OmegaConf.load(path)
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip() + "\n")
+        print(f"Settings (from {path}); override any with key=value:\n")
+        print(OmegaConf.to_yaml(base))
+        raise SystemExit(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"arguments must be key=value (got {bad}); see --help")
+    overrides = OmegaConf.from_dotlist(argv)
+    unknown = [k for k in _flat_keys(overrides) if OmegaConf.select(base, k, default="__missing__") == "__missing__"]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; see --help for the settings of this command")
+    return OmegaConf.merge(base, overrides)
+
+
+def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items():
+        full = f"{prefix}{key}"
+        keys += _flat_keys(value, full + ".") if isinstance(value, DictConfig) else [full]
+    return keys
+
+
+def resolve_model_dir(value: str | None) -> Path:
+    """The pipeline folder a `model=` setting names; the shipped MiniCanvas model when empty."""
+    path = Path(value) if value else MINICANVAS_DIR / "pipeline"
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"model folder {path} is not a diffusers pipeline folder (no model_index.json)")
+    return path

@@ -1,0 +1,95 @@
+"""The prompts of a step: forget prompts, their mapped prompts, retain, neighbour and
+previously-forgotten prompts.
+
+On MiniCanvas they are built from the world's training templates, never from its
+EVAL_TEMPLATE, so retention is measured on sentences the trainer never replayed. Retain replay
+is honest: only a seeded share of the world's concepts (`retain.replay_fraction`) is ever
+replayed, the rest is held out so evaluation can report retention on concepts the trainer
+never saw.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from distill_forget.requests import concept_pattern
+from distill_forget.world import concepts
+
+
+@dataclass
+class PromptGroups:
+    forget: list[str]
+    mapped: list[str]  # mapped[i] is forget[i] with the concept replaced by its target
+    retain: list[str]
+    neighbor: list[str]
+    forgotten: list[str]  # prompts of concepts forgotten by earlier requests
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {
+            "forget": self.forget,
+            "mapped": self.mapped,
+            "retain": self.retain,
+            "neighbor": self.neighbor,
+            "forgotten": self.forgotten,
+        }
+
+
+def replace_concept(prompt: str, concept: str, replacement: str) -> str:
+    """The sentence with the concept replaced; "" removes it (and the space it leaves)."""
+    return " ".join(concept_pattern(concept).sub(replacement, prompt).split())
+
+
+# ---------------------------------------------------------------- MiniCanvas
+
+
+def world_concepts(kind: str) -> list[str]:
+    return list(concepts.OBJECTS if kind == "object" else concepts.STYLES)
+
+
+def other_kind(kind: str) -> str:
+    return "style" if kind == "object" else "object"
+
+
+def concept_prompt(concept: str, kind: str) -> str:
+    """A short prompt naming the concept alone, to compare concepts with each other."""
+    if kind == "object":
+        return concepts.OBJECT_TEMPLATES[0].format(object=concept)
+    if kind == "style":
+        return concepts.STYLE_TEMPLATES[0].format(style=concept)
+    return concept
+
+
+def in_context(concept: str, kind: str, context: list[str]) -> list[str]:
+    """Training prompts naming `concept`: each paraphrase template with each `context` concept
+    (of the other kind), then the single-concept templates. Never the evaluation template."""
+    if kind == "object":
+        paired = [t.format(object=concept, style=c) for t in concepts.PARAPHRASE_TEMPLATES for c in context]
+        return paired + [t.format(object=concept) for t in concepts.OBJECT_TEMPLATES]
+    paired = [t.format(object=c, style=concept) for t in concepts.PARAPHRASE_TEMPLATES for c in context]
+    return paired + [t.format(style=concept) for t in concepts.STYLE_TEMPLATES]
+
+
+def replayable_concepts(fraction: float, seed: int) -> set[str]:
+    """The world concepts that retain replay may use: a seeded share of each kind.
+
+    Drawn over the whole world, not over what is still retained, so the never-replayed set
+    stays the same from one request to the next and evaluation can track it over a sequence.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = set()
+    for kind in ("object", "style"):
+        names = world_concepts(kind)
+        count = int(round(fraction * len(names)))
+        chosen.update(names[i] for i in rng.permutation(len(names))[:count])
+    return chosen
+
+
+def retain_prompts(replayed: list[str]) -> list[str]:
+    """Prompts for the replayed concepts, mentioning no other concept: replayed objects x
+    replayed styles in each paraphrase template, and each alone in its kind's templates."""
+    objects = [c for c in replayed if concepts.kind_of(c) == "object"]
+    styles = [c for c in replayed if concepts.kind_of(c) == "style"]
+    prompts = [t.format(object=o, style=s) for t in concepts.PARAPHRASE_TEMPLATES for o in objects for s in styles]
+    prompts += [t.format(object=o) for t in concepts.OBJECT_TEMPLATES for o in objects]
+    prompts += [t.format(style=s) for t in concepts.STYLE_TEMPLATES for s in styles]
+    return prompts

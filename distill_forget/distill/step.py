@@ -1,0 +1,236 @@
+"""One unlearning request: teacher pipeline folder -> student pipeline folder.
+
+`run_step` reads top to bottom: load the teacher, choose neighbours, the replayed concepts and
+the mapping targets (`plan_prompts`), build the Lightning module, fit it once, save the student
+as a stock diffusers pipeline folder with the step's record beside it.
+"""
+
+import copy
+import json
+import resource
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from diffusers import DDPMScheduler
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from distill_forget.distill.module import DistillForgetModule
+from distill_forget.distill.networks import Denoiser, PromptEncoder
+from distill_forget.distill.prompts import (
+    PromptGroups,
+    concept_prompt,
+    in_context,
+    other_kind,
+    replace_concept,
+    replayable_concepts,
+    retain_prompts,
+    world_concepts,
+)
+from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
+from distill_forget.pipelines import load_pipeline, pick_device
+from distill_forget.requests import Request, RequestFileError, check_minicanvas, merge_overrides
+from distill_forget.storage import atomic_dir, write_json
+from distill_forget.world import concepts
+
+RECORD_FILE = "distill_step.json"  # the step's record, saved inside the student's folder
+
+
+def as_request(item: Request | str, world: str) -> Request:
+    """An earlier request, given whole or by its concept name."""
+    if isinstance(item, Request):
+        return item
+    return Request(item, concepts.kind_of(item) if world == "minicanvas" else "other")
+
+
+def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: ScoreDistances, encoder: PromptEncoder):
+    """The step's prompt groups, and a record of every choice made to build them."""
+    gone = {request.concept, *(f.concept for f in forgotten)}
+    if cfg.world == "minicanvas":
+        pool = {c: concept_prompt(c, request.kind) for c in world_concepts(request.kind) if c not in gone}
+        concept_text = concept_prompt(request.concept, request.kind)
+    else:
+        pool, concept_text = {}, request.concept
+    neighbors, neighbor_record = choose_neighbors(
+        cfg.neighbors.mode, concept_text, pool, cfg.neighbors.top_k, request.neighbors, distances, encoder
+    )
+
+    if cfg.world == "minicanvas":
+        replayable = replayable_concepts(cfg.retain.replay_fraction, cfg.seed)
+        retained = [c for c in concepts.OBJECTS + concepts.STYLES if c not in gone]
+        retain_replayed = [c for c in retained if c in replayable and c not in neighbors]
+
+        def context(kind: str) -> list[str]:
+            # Forget and neighbour prompts pair a concept with replayed concepts only, so a
+            # held-out concept appears in no training prompt at all.
+            return [c for c in retain_replayed if concepts.kind_of(c) == other_kind(kind)]
+
+        forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
+        retain = retain_prompts(retain_replayed)
+        neighbor = [p for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
+        forgotten_prompts = [
+            p for f in forgotten for p in (f.prompts or in_context(f.concept, f.kind, context(f.kind)))
+        ]
+        # The neighbours are protected, so they are not offered as the concept's replacement.
+        same_kind = [c for c in retained if concepts.kind_of(c) == request.kind]
+        candidates = request.targets or [c for c in same_kind if c not in neighbors]
+        replayed = [c for c in retained if c in retain_replayed or c in neighbors]
+        held_out = [c for c in retained if c not in replayed]
+    else:
+        if not request.prompts:
+            where = request.where or repr(request.concept)
+            raise RequestFileError(f"{where}: field 'prompts' is required when world={cfg.world!r}")
+        forget = list(request.prompts)
+        retain = list(cfg.retain.prompts)
+        neighbor = [replace_concept(p, request.concept, n) for n in neighbors for p in forget]
+        forgotten_prompts = [p for f in forgotten for p in (f.prompts or [f.concept])]
+        candidates = request.targets or [""]
+        retain_replayed, replayed, held_out = [], list(neighbors), []
+
+    if cfg.target.mode == "fixed":
+        candidates = [request.targets[0] if request.targets else cfg.target.fixed]
+    targets, target_record = choose_targets(cfg.target.mode, forget, request.concept, candidates, cfg.seed, distances)
+    mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
+    target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
+
+    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts)
+    record = {
+        "targets": target_record,
+        "neighbors": neighbor_record,
+        "retain_replayed": retain_replayed,
+        "replayed_concepts": replayed,  # every retained concept some training prompt names
+        "held_out_concepts": held_out,  # retained and never replayed: for *_unseen metrics
+        "forgotten_before": [f.concept for f in forgotten],
+        "prompt_counts": {name: len(p) for name, p in groups.as_dict().items()},
+    }
+    return groups, record
+
+
+def build_module(
+    teacher_dir, request: Request, cfg: DictConfig, forgotten_before=()
+) -> tuple[DistillForgetModule, dict]:
+    """The Lightning module of one request, and the record of its planning."""
+    started = time.time()
+    cfg = merge_overrides(cfg, request)
+    forgotten = [as_request(f, cfg.world) for f in forgotten_before]
+    if cfg.world == "minicanvas":
+        check_minicanvas([request, *forgotten])
+    device = pick_device("cpu" if cfg.accelerator == "cpu" else "auto")
+    pipe = load_pipeline(teacher_dir)
+    student_unet = copy.deepcopy(pipe.unet)
+    teacher = Denoiser(pipe.unet.requires_grad_(False).eval().to(device))
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder.to(device))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    probe = ScoreProbe(teacher.latent_shape, cfg.score.latents, cfg.seed, noise_scheduler, device)
+    modes = f"neighbours by {cfg.neighbors.mode}, targets by {cfg.target.mode}"
+    print(f"[step] {request.concept!r}: planning the prompts ({modes})", flush=True)
+    groups, plan = plan_prompts(request, forgotten, cfg, ScoreDistances(teacher, encoder, probe), encoder)
+    plan["teacher_evaluations_planning"] = teacher.evaluations
+    plan["seconds_planning"] = round(time.time() - started, 2)
+    print(
+        f"[step] neighbours {plan['neighbors']['chosen']}; targets {plan['targets']['counts']}; "
+        f"prompts {plan['prompt_counts']}",
+        flush=True,
+    )
+    return DistillForgetModule(student_unet, teacher, encoder, groups, cfg, pipe.scheduler.config), plan
+
+
+def make_trainer(cfg: DictConfig, progress_bar: bool = True) -> L.Trainer:
+    on_gpu = cfg.accelerator != "cpu" and torch.cuda.is_available()
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the batches come from the replay source
+    return L.Trainer(
+        max_steps=cfg.steps,
+        accumulate_grad_batches=cfg.accumulate,
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=1,
+        precision=cfg.precision or ("bf16-mixed" if on_gpu else "32-true"),
+        gradient_clip_val=cfg.grad_clip,
+        gradient_clip_algorithm="norm",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+        log_every_n_steps=1,
+    )
+
+
+def step_indices(cfg: DictConfig) -> DataLoader:
+    """The data: just the micro-batch indices; the replay source provides the latents."""
+    return DataLoader(range(cfg.steps * cfg.accumulate), batch_size=None)
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak memory so far: the process's resident set (never reset) and, on GPU, CUDA allocations."""
+    peak = {"process_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    if torch.cuda.is_available():
+        peak["gpu"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def save_student(unet, teacher_dir: Path, out_dir: Path, record: dict) -> None:
+    """A complete stock pipeline folder: the student UNet, every other component copied."""
+    index = json.loads((teacher_dir / "model_index.json").read_text())
+    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    with atomic_dir(out_dir) as tmp:
+        shutil.copy2(teacher_dir / "model_index.json", tmp / "model_index.json")
+        for name in components:
+            if name != "unet":
+                shutil.copytree(teacher_dir / name, tmp / name)
+        unet.save_pretrained(tmp / "unet")
+        write_json(tmp / RECORD_FILE, record)
+
+
+def run_step(
+    teacher_dir, request: Request, cfg: DictConfig, out_dir, forgotten_before=(), progress_bar: bool = True
+) -> dict:
+    """Forget `request.concept` from the teacher folder's model; the student goes to `out_dir`.
+
+    `forgotten_before`: concepts (names or Requests) forgotten by earlier requests, replayed
+    through the teacher so they stay forgotten. Returns the step's record (also saved as
+    `out_dir/distill_step.json`).
+    """
+    started = time.time()
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    if out_dir.resolve() == teacher_dir.resolve():
+        raise ValueError(f"out_dir must differ from the teacher folder {teacher_dir}: the teacher is M_(i-1), kept")
+    L.seed_everything(cfg.seed, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    module, plan = build_module(teacher_dir, request, cfg, forgotten_before)
+    cfg = module.cfg  # with the request's overrides
+    trainer = make_trainer(cfg, progress_bar)
+    fit_started = time.time()
+    trainer.fit(module, train_dataloaders=step_indices(cfg))
+    fit_seconds = time.time() - fit_started
+    planning_seconds = plan.pop("seconds_planning")
+    planning_evaluations = plan.pop("teacher_evaluations_planning")
+    record = {
+        "request": request.to_dict(),
+        "teacher": str(teacher_dir),
+        "pipeline": str(out_dir),
+        **plan,
+        "steps": trainer.global_step,
+        "final_losses": module.last_losses,
+        "evaluations": {  # samples through each network (a batch of 8 counts 8)
+            "teacher": module.teacher.evaluations,
+            "teacher_planning": planning_evaluations,
+            "teacher_sampling": module.sampler.evaluations,
+            "student": module.student.evaluations,
+        },
+        "seconds": {
+            "planning": planning_seconds,
+            "replay_bank": round(module.replay_seconds, 2),
+            "training": round(fit_seconds - module.replay_seconds, 2),
+            "total": round(time.time() - started, 2),  # without the save, a second or two
+        },
+        "peak_memory_mb": peak_memory_mb(),
+        "settings": OmegaConf.to_container(cfg, resolve=True),
+    }
+    save_student(module.unet, teacher_dir, out_dir, record)
+    seconds = record["seconds"]["total"]
+    print(f"[step] {request.concept!r} forgotten in {seconds:.0f} s; student pipeline in {out_dir}", flush=True)
+    return record

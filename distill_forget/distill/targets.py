@@ -1,0 +1,144 @@
+"""Locality: score distance, and the choice of mapping targets and neighbours (METHODS.md).
+
+    d(a, b) = (1/K) sum_k || eps(T, x_k, t_k, a) - eps(T, x_k, t_k, b) ||^2
+
+at K noisy latents `x_k = add_noise(z_k, n_k, t_k)` drawn once from a fixed seed and shared by
+every pair, so distances are comparable. Recomputed at every request: the teacher changed.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill_forget.distill.networks import Denoiser, PromptEncoder
+from distill_forget.distill.prompts import replace_concept
+from distill_forget.world.model import training_scheduler
+
+TARGET_MODES = ("fixed", "contextual", "score")
+NEIGHBOR_MODES = ("request", "score", "text")
+
+
+class ScoreProbe:
+    """The K noisy latents (x_k, t_k) at which score distances are measured."""
+
+    def __init__(self, latent_shape, num_latents: int, seed: int, noise_scheduler, device="cpu"):
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randn((num_latents, *latent_shape), generator=generator)
+        noise = torch.randn((num_latents, *latent_shape), generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (num_latents,), generator=generator)
+        self.x_t = noise_scheduler.add_noise(z, noise, t).to(device)
+        self.t = t.to(device)
+
+    @torch.no_grad()
+    def outputs(self, denoiser: Denoiser, text_embeds: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+        """(N, K, C, H, W): the network's output for each prompt at each probe latent."""
+        k = len(self.t)
+        per_call = max(1, chunk // k)  # prompts per network call
+        out = []
+        for start in range(0, len(text_embeds), per_call):
+            embeds = text_embeds[start : start + per_call]
+            n = len(embeds)
+            x_t, t = self.x_t.repeat(n, 1, 1, 1), self.t.repeat(n)
+            out.append(denoiser(x_t, t, embeds.repeat_interleave(k, dim=0)).float().unflatten(0, (n, k)))
+        return torch.cat(out)
+
+
+def distance(outputs_a: torch.Tensor, outputs_b: torch.Tensor) -> torch.Tensor:
+    """Squared norm of the output difference, averaged over the K probe latents: (N, K, ...) -> (N,)."""
+    return (outputs_a - outputs_b).pow(2).flatten(2).sum(-1).mean(-1)
+
+
+def score_distance(unet, text_embeds_a, text_embeds_b, num_latents: int = 16, seed: int = 0, noise_scheduler=None):
+    """d(a, b) for text conditions of shape (tokens, width) -> scalar, or (N, tokens, width) -> (N,).
+
+    `noise_scheduler` gives the forward process; by default Stable Diffusion's (MiniCanvas's).
+    """
+    denoiser = unet if isinstance(unet, Denoiser) else Denoiser(unet)
+    noise_scheduler = noise_scheduler or training_scheduler()
+    device = text_embeds_a.device
+    probe = ScoreProbe(denoiser.latent_shape, num_latents, seed, noise_scheduler, device)
+    single = text_embeds_a.dim() == 2
+    a, b = (e.unsqueeze(0) if single else e for e in (text_embeds_a, text_embeds_b))
+    d = distance(probe.outputs(denoiser, a), probe.outputs(denoiser, b))
+    return d[0] if single else d
+
+
+class ScoreDistances:
+    """d(prompt, other) for prompts, under one network and one probe."""
+
+    def __init__(self, denoiser: Denoiser, encoder: PromptEncoder, probe: ScoreProbe):
+        self.denoiser, self.encoder, self.probe = denoiser, encoder, probe
+
+    def __call__(self, prompt: str, others: list[str]) -> torch.Tensor:
+        outputs = self.probe.outputs(self.denoiser, self.encoder([prompt, *others]))
+        return distance(outputs[1:], outputs[:1])
+
+
+def choose_targets(
+    mode: str,
+    forget_prompts: list[str],
+    concept: str,
+    candidates: list[str],
+    seed: int,
+    distances: ScoreDistances | None = None,
+):
+    """The replacement of `concept` in each forget prompt, and a record of the choice.
+
+    fixed: the first candidate everywhere; contextual: candidates spread evenly over the
+    prompts in a seeded order; score: per prompt, the candidate whose sentence is closest in
+    score distance, the replacement that changes the teacher's score field least.
+    """
+    if mode not in TARGET_MODES:
+        raise ValueError(f"target.mode must be one of {TARGET_MODES} (got {mode!r})")
+    if not candidates:
+        raise ValueError(f"no target candidates for {concept!r}")
+    record = {"mode": mode, "candidates": list(candidates)}
+    if mode == "fixed":
+        targets = [candidates[0]] * len(forget_prompts)
+    elif mode == "contextual":
+        order = np.random.default_rng(seed).permutation(len(forget_prompts))
+        targets = [""] * len(forget_prompts)
+        for rank, i in enumerate(order):
+            targets[i] = candidates[rank % len(candidates)]
+    else:
+        targets, record["distances"] = [], []
+        for prompt in forget_prompts:
+            d = distances(prompt, [replace_concept(prompt, concept, c) for c in candidates])
+            targets.append(candidates[int(d.argmin())])
+            record["distances"].append({c: round(float(v), 6) for c, v in zip(candidates, d)})
+    counts = {c: targets.count(c) for c in candidates}
+    record["counts"] = {c: n for c, n in counts.items() if n}
+    return targets, record
+
+
+def choose_neighbors(
+    mode: str,
+    concept_text: str,
+    pool: dict[str, str],
+    top_k: int,
+    listed: list[str],
+    distances: ScoreDistances | None = None,
+    encoder: PromptEncoder | None = None,
+):
+    """The concepts to protect most, and a record of the choice.
+
+    request: exactly those the request lists. score / text: the request's list if it has one,
+    else the `top_k` concepts of `pool` (name -> prompt) closest to `concept_text`, by score
+    distance or by cosine similarity of pooled text embeddings (the cheaper signal).
+    """
+    if mode not in NEIGHBOR_MODES:
+        raise ValueError(f"neighbors.mode must be one of {NEIGHBOR_MODES} (got {mode!r})")
+    if mode == "request" or listed or not pool:
+        return list(listed), {"mode": mode, "chosen": list(listed), "source": "request"}
+    names, prompts = list(pool), list(pool.values())
+    if mode == "score":
+        d = distances(concept_text, prompts)
+        order = d.argsort().tolist()
+        ranking = {"distance": {names[i]: round(float(d[i]), 6) for i in order}}
+    else:
+        pooled = encoder.pooled([concept_text, *prompts]).float()
+        cosine = F.cosine_similarity(pooled[1:], pooled[:1])
+        order = cosine.argsort(descending=True).tolist()
+        ranking = {"cosine": {names[i]: round(float(cosine[i]), 6) for i in order}}
+    chosen = [names[i] for i in order[:top_k]]
+    return chosen, {"mode": mode, "chosen": chosen, "source": mode, **ranking}

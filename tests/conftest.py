@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A randomly initialised MiniCanvas-architecture pipeline folder, saved with stock diffusers."""
+    from distill_forget.world.model import assemble_pipeline, build_text_encoder, build_tokenizer, build_unet, build_vae
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    pipe = assemble_pipeline(build_unet(), build_vae(), build_text_encoder(len(tokenizer)), tokenizer)
+    folder = tmp_path_factory.mktemp("tiny") / "pipeline"
+    pipe.save_pretrained(folder)
+    return folder

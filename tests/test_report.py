@@ -1,0 +1,78 @@
+"""The report files have the structure readers rely on."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from distill_forget.report import MAIN_METRICS, write_report
+
+BASE = {"metrics": {"ua": 2.0, "ira": 90.0, "cra": 80.0, "nra": 70.0, "quality": 1.5, "object_accuracy": 88.0}}
+STEPS = [
+    {
+        "index": 1,
+        "concept": "dots",
+        "kind": "style",
+        "metrics": {"ua": 98.0, "ira": 81.0, "cra": 80.0, "nra": 35.0, "quality": 1.8, "object_accuracy": 85.0},
+        "seconds": 120.0,
+        "checkpoint": "steps/01-dots/pipeline",
+    },
+    {
+        "index": 2,
+        "concept": "circle",
+        "kind": "object",
+        "metrics": {"ua": 97.0, "ira": 72.0, "cra": 78.0, "quality": 2.1},  # nra not measured
+        "seconds": 100.0,
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """One report shared by the tests below: plotting is the slow part."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, write_report(run_dir, BASE, STEPS)
+
+
+def test_report_json_has_the_required_structure(written):
+    run_dir, _ = written
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report) == {"base", "steps"}
+    assert set(MAIN_METRICS) <= set(report["base"]["metrics"])
+    assert [s["index"] for s in report["steps"]] == [1, 2]
+    for step in report["steps"]:
+        assert set(MAIN_METRICS) <= set(step["metrics"])
+        assert isinstance(step["seconds"], float)
+    second = report["steps"][1]
+    assert second["metrics"]["nra"] is None
+    assert second["cumulative_seconds"] == 220.0
+    assert second["relative_to_base"]["ira_rel"] == 80.0  # 72 / 90
+    assert report["steps"][0]["checkpoint"] == "steps/01-dots/pipeline"  # extra keys are kept
+
+
+def test_report_md_has_base_and_one_row_per_request(written):
+    run_dir, _ = written
+    table = [line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("|")]
+    header, _, *rows = table
+    assert "UA" in header and "NRA" in header and "seconds" in header
+    assert len(rows) == 1 + len(STEPS)
+    assert rows[0].startswith("| 0 (base) |")
+    assert "| 1 | dots (style) | 98.0 | 81.0 | 80.0 | 35.0 | 1.8 | 90.0 / 100.0 / 50.0 | 120.0 |" in rows[1]
+    assert "| 97.0 | 72.0 | 78.0 | - |" in rows[2]  # None shown as "-"
+
+
+def test_the_plots_are_valid_pngs(written):
+    run_dir, paths = written
+    for name in ("metrics.png", "cost.png"):
+        assert paths[name] == run_dir / name
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(run_dir / name) as image:
+            image.verify()
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]  # atomic writes left nothing behind
+
+
+def test_a_report_with_no_requests_yet(tmp_path):
+    write_report(tmp_path, BASE, [])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == []
+    assert (tmp_path / "metrics.png").exists() and (tmp_path / "cost.png").exists()

@@ -1,0 +1,243 @@
+"""The distillation step: request files, objectives, score distance, parameter groups, run_step."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from distill_forget.config import load_config
+from distill_forget.distill.networks import Denoiser, PromptEncoder
+from distill_forget.distill.objectives import (
+    ForgetMapping,
+    ForgottenReplay,
+    NeighborPreservation,
+    ParameterAnchor,
+    RetainReplay,
+)
+from distill_forget.distill.module import TRAINABLE
+from distill_forget.distill.step import RECORD_FILE, build_module, make_trainer, plan_prompts, run_step, step_indices
+from distill_forget.distill.targets import score_distance
+from distill_forget.pipelines import load_pipeline
+from distill_forget.requests import Request, RequestFileError, check_minicanvas, load_requests
+from distill_forget.world import concepts
+from distill_forget.world.model import training_scheduler
+
+# Every knob at its cheapest: a few steps, a tiny bank, 2-step teacher sampling.
+FAST = [
+    "steps=3",
+    "batch=2",
+    "replay.bank_size=2",
+    "sampling_steps=2",
+    "score.latents=2",
+    "target.mode=fixed",
+    "neighbors.mode=request",
+    "accelerator=cpu",
+]
+
+
+def fast_cfg(*extra):
+    return load_config("step", FAST + list(extra))
+
+
+# ---------------------------------------------------------------- request files
+
+
+def write(tmp_path, text):
+    path = tmp_path / "requests.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_request_file_is_parsed(tmp_path):
+    path = write(
+        tmp_path,
+        """
+requests:
+  - concept: dots
+    kind: style
+    target: stripes
+    neighbors: [big dots]
+    overrides: {steps: 7, replay: {mode: per_step}}
+  - {concept: circle, kind: object, prompts: ["a circle in neon style"]}
+""",
+    )
+    first, second = load_requests(path, settings=load_config("step", []))
+    overrides = {"steps": 7, "replay": {"mode": "per_step"}}
+    assert first == Request("dots", "style", [], ["stripes"], ["big dots"], overrides)
+    assert second.prompts == ["a circle in neon style"]
+    check_minicanvas([first, second])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("requests:\n  - {kind: style}\n", r"requests.yaml: request 1: field 'concept' is required"),
+        (
+            "requests:\n  - {concept: circle, kind: object}\n  - {concept: dots, kind: color}\n",
+            r"requests.yaml: request 2 \('dots'\): field 'kind' must be one of object, style, person, other",
+        ),
+        ("requests:\n  - {concept: dots}\n", r"request 1 \('dots'\): field 'kind' is required"),
+        (
+            "requests:\n  - {concept: dots, kind: style, neighbours: [big dots]}\n",
+            r"request 1 \('dots'\): field 'neighbours' is not a request field",
+        ),
+        ("requests:\n  concept: dots\n  kind: style\n", r"requests.yaml: 'requests' must be a non-empty list"),
+        ("requests:\n  - {concept: dots, kind: style, prompts: a dots image}\n", r"field 'prompts' must be a list"),
+        ("requests:\n  - {concept: dots, kind: style, prompts: [a circle]}\n", r"field 'prompts'.*does not mention"),
+        ("requests:\n  - {concept: dots, kind: style, target: a, targets: [b]}\n", r"field 'target' and 'targets'"),
+        ("requests:\n  - dots\n", r"request 1: must be a mapping"),
+        ("forget: [dots]\n", r"'requests' list at the top level"),
+        ("requests: [unclosed\n", r"not valid YAML"),
+    ],
+)
+def test_malformed_request_file_names_request_and_field(tmp_path, text, message):
+    with pytest.raises(RequestFileError, match=message):
+        load_requests(write(tmp_path, text))
+
+
+def test_unknown_override_and_missing_file_are_errors(tmp_path):
+    path = write(tmp_path, "requests:\n  - {concept: dots, kind: style, overrides: {stepz: 3}}\n")
+    message = r"request 1 \('dots'\): field 'overrides': 'stepz' is not a step setting"
+    with pytest.raises(RequestFileError, match=message):
+        load_requests(path, settings=load_config("step", []))
+    with pytest.raises(RequestFileError, match="not found"):
+        load_requests(tmp_path / "nowhere.yaml")
+
+
+def test_minicanvas_check_names_the_field(tmp_path):
+    bad_concept, bad_kind = load_requests(
+        write(tmp_path, "requests:\n  - {concept: banana, kind: object}\n  - {concept: dots, kind: object}\n")
+    )
+    with pytest.raises(RequestFileError, match=r"request 1 \('banana'\): field 'concept': unknown MiniCanvas concept"):
+        check_minicanvas([bad_concept])
+    with pytest.raises(RequestFileError, match=r"request 2 \('dots'\): field 'kind' must be 'style'"):
+        check_minicanvas([bad_kind])
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def mentioned(prompt: str) -> set[str]:
+    """World concepts a prompt names, longest names first ("thin stripes" is not "stripes")."""
+    found = set()
+    for name in sorted(concepts.OBJECTS + concepts.STYLES, key=len, reverse=True):
+        if f" {name} " in f" {prompt} ":
+            found.add(name)
+            prompt = f" {prompt} ".replace(f" {name} ", " | ")
+    return found
+
+
+def test_prompts_avoid_the_eval_template_and_held_out_concepts():
+    cfg = fast_cfg()
+    request = Request("dots", "style", neighbors=["big dots"])
+    groups, plan = plan_prompts(request, [Request("circle", "object")], cfg, distances=None, encoder=None)
+    eval_sentences = {concepts.eval_prompt(o, s) for o in concepts.OBJECTS for s in concepts.STYLES}
+    everything = [p for prompts in groups.as_dict().values() for p in prompts]
+    assert everything and not eval_sentences & set(everything)
+    assert all("dots" in mentioned(p) for p in groups.forget)
+    assert not any("dots" in mentioned(p) for p in groups.mapped), "fixed target '' removes the concept"
+    trained = groups.forget + groups.retain + groups.neighbor
+    seen = set().union(*(mentioned(p) for p in trained)) - {"dots"}
+    assert seen == set(plan["replayed_concepts"])
+    assert not seen & set(plan["held_out_concepts"]) and len(plan["held_out_concepts"]) >= 8
+    assert "circle" not in seen and all("circle" in mentioned(p) for p in groups.forgotten)
+
+
+# ---------------------------------------------------------------- objectives and score distance
+
+
+@pytest.fixture(scope="module")
+def networks(tiny_pipeline_dir):
+    pipe = load_pipeline(tiny_pipeline_dir)
+    teacher = Denoiser(pipe.unet.requires_grad_(False).eval())
+    return teacher, PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+
+
+def test_each_objective_is_zero_when_student_equals_teacher(networks):
+    teacher, encoder = networks
+    student_unet = copy.deepcopy(teacher.unet).requires_grad_(True)
+    student = Denoiser(student_unet)
+    scheduler = training_scheduler()
+    torch.manual_seed(0)
+    z0 = torch.randn(2, *teacher.latent_shape)
+    retain = encoder(["a ring in neon style", "a square in dots style"])
+    forget, mapped = encoder(["a star in mosaic style"] * 2), encoder(["a star in sketch style"] * 2)
+    for objective in (RetainReplay(scheduler), NeighborPreservation(scheduler), ForgottenReplay(scheduler)):
+        assert objective(student, teacher, z0, retain).item() == 0.0
+    assert ParameterAnchor()(student_unet, teacher.unet).item() == 0.0
+    assert ForgetMapping(scheduler, t_max=600)(student, teacher, z0, forget, mapped).item() > 0.0
+
+    with torch.no_grad():
+        next(p for n, p in student_unet.named_parameters() if ".attn2.to_k." in n).add_(0.05)
+    assert RetainReplay(scheduler)(student, teacher, z0, retain).item() > 0.0
+    assert ParameterAnchor()(student_unet, teacher.unet).item() > 0.0
+
+
+def test_score_distance_is_zero_for_identical_prompts_and_symmetric(networks):
+    teacher, encoder = networks
+    a, b = encoder(["a ring in neon style", "a square in dots style"])
+    assert score_distance(teacher.unet, a, a, num_latents=4, seed=1).item() == 0.0
+    d_ab = score_distance(teacher.unet, a, b, num_latents=4, seed=1)
+    d_ba = score_distance(teacher.unet, b, a, num_latents=4, seed=1)
+    assert d_ab.item() > 0.0 and d_ab.item() == pytest.approx(d_ba.item(), rel=1e-6)
+    batched = score_distance(teacher.unet, torch.stack([a, a]), torch.stack([a, b]), num_latents=4, seed=1)
+    assert batched.shape == (2,) and batched[0] == 0.0 and batched[1].item() == pytest.approx(d_ab.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- the Lightning module
+
+
+@pytest.mark.parametrize("mode", list(TRAINABLE))
+def test_student_gets_gradients_only_in_the_selected_group(tiny_pipeline_dir, mode):
+    request = Request("dots", "style", neighbors=["big dots"])
+    module, _ = build_module(tiny_pipeline_dir, request, fast_cfg(f"trainable={mode}"))
+    module.setup("fit")
+    module.on_fit_start()
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached here
+        module.training_step(0, 0).backward()
+    selected = {n for n, _ in module.unet.named_parameters() if TRAINABLE[mode](n)}
+    assert selected
+    for name, param in module.unet.named_parameters():
+        assert (param.grad is not None) == (name in selected), name
+    assert any(p.grad.abs().sum() > 0 for n, p in module.unet.named_parameters() if n in selected)
+    assert all(p.grad is None for p in module.teacher.unet.parameters())
+
+
+def test_teacher_never_changes_and_stays_out_of_the_checkpoint(tiny_pipeline_dir):
+    cfg = fast_cfg("lr=1e-2", "warmup=1")
+    module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg)
+    teacher_before = {n: p.detach().clone() for n, p in module.teacher.unet.named_parameters()}
+    student_before = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
+    make_trainer(cfg, progress_bar=False).fit(module, train_dataloaders=step_indices(cfg))
+    for name, param in module.teacher.unet.named_parameters():
+        assert torch.equal(param, teacher_before[name]), name
+    changed = {n for n, p in module.unet.named_parameters() if not torch.equal(p.detach().cpu(), student_before[n])}
+    assert changed and all(".attn2." in n for n in changed)
+    assert all(key.startswith("unet.") for key in module.state_dict())
+    assert module.student.evaluations == 3 * 3 * cfg.batch  # 3 steps x (forget, retain, neighbour) x batch
+
+
+@pytest.mark.parametrize("replay_mode", ["bank", "per_step"])
+def test_short_run_step_writes_a_stock_pipeline_folder(tiny_pipeline_dir, tmp_path, replay_mode):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = fast_cfg("steps=2", "target.mode=score", "neighbors.mode=score", f"replay.mode={replay_mode}")
+    out = tmp_path / "student"
+    request = Request("dots", "style", prompts=["a ring in dots style", "dots style"])  # few prompts: fast scoring
+    record = run_step(tiny_pipeline_dir, request, cfg, out, forgotten_before=["circle"], progress_bar=False)
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    teacher = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    assert not all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), teacher.unet.parameters()))
+    assert json.loads((out / RECORD_FILE).read_text())["request"]["concept"] == "dots"
+    assert record["steps"] == 2 and set(record["final_losses"]) >= {"forget", "retain", "neighbor", "forgotten", "reg"}
+    assert len(record["neighbors"]["chosen"]) == cfg.neighbors.top_k
+    assert set(record["targets"]["counts"]) <= set(concepts.STYLES) - {"dots"} - set(record["neighbors"]["chosen"])
+    assert record["evaluations"]["student"] == 2 * 4 * cfg.batch
+    sampling = record["evaluations"]["teacher_sampling"]
+    groups = 4  # forget, retain, neighbour, forgotten
+    if replay_mode == "bank":
+        assert sampling == groups * cfg.replay.bank_size * cfg.sampling_steps
+    else:
+        assert sampling == 2 * groups * cfg.batch * cfg.sampling_steps
