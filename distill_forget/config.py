@@ -13,13 +13,24 @@ CONFIG_DIR = PACKAGE_DIR.parent / "configs"
 MINICANVAS_DIR = PACKAGE_DIR / "assets" / "minicanvas"  # the shipped model and judge
 
 
-def load_config(name: str, argv: list[str] | None = None, doc: str = "") -> DictConfig:
-    """`configs/<name>.yaml` merged with `key=value` arguments; `--help` prints both and exits."""
-    argv = sys.argv[1:] if argv is None else argv
+def read_config(name: str) -> DictConfig:
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found (is the repository checked out whole?)")
-    base = OmegaConf.load(path)
+    return OmegaConf.load(path)
+
+
+def load_config(name: str, argv: list[str] | None = None, doc: str = "", sections: tuple[str, ...] = ()) -> DictConfig:
+    """`configs/<name>.yaml` merged with `key=value` arguments; `--help` prints both and exits.
+
+    Each name in `sections` mounts `configs/<section>.yaml` under that key (`step.lr=...`), so a
+    command that drives another keeps that command's defaults in their one home.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    path = CONFIG_DIR / f"{name}.yaml"
+    base = read_config(name)
+    for section in sections:
+        base[section] = read_config(section)
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip() + "\n")
         print(f"Settings (from {path}); override any with key=value:\n")

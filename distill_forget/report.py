@@ -46,7 +46,8 @@ def build_report(base: dict, steps: list[dict]) -> dict:
                 "metrics": metrics,
                 "seconds": step.get("seconds"),
                 "cumulative_seconds": round(cumulative, 2),
-                "relative_to_base": relative_to_base(metrics, base["metrics"]),
+                # a step may carry the base model's metrics over its own forgotten set
+                "relative_to_base": relative_to_base(metrics, step.get("base_metrics") or base["metrics"]),
             }
         )
     return {"base": base, "steps": rows}

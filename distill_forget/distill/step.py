@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -139,8 +140,14 @@ def build_module(
     return DistillForgetModule(student_unet, teacher, encoder, groups, cfg, pipe.scheduler.config), plan
 
 
-def make_trainer(cfg: DictConfig, progress_bar: bool = True) -> L.Trainer:
+def make_trainer(cfg: DictConfig, progress_bar: bool = True, checkpoint_dir=None) -> L.Trainer:
+    """A Trainer for one request; with `checkpoint_dir`, it keeps `last.ckpt` there to resume from."""
     on_gpu = cfg.accelerator != "cpu" and torch.cuda.is_available()
+    callbacks = []
+    if checkpoint_dir is not None:
+        callbacks.append(
+            ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=0)
+        )
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the batches come from the replay source
     return L.Trainer(
         max_steps=cfg.steps,
@@ -151,7 +158,8 @@ def make_trainer(cfg: DictConfig, progress_bar: bool = True) -> L.Trainer:
         gradient_clip_val=cfg.grad_clip,
         gradient_clip_algorithm="norm",
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=callbacks,
         enable_model_summary=False,
         enable_progress_bar=progress_bar,
         log_every_n_steps=1,
@@ -185,13 +193,20 @@ def save_student(unet, teacher_dir: Path, out_dir: Path, record: dict) -> None:
 
 
 def run_step(
-    teacher_dir, request: Request, cfg: DictConfig, out_dir, forgotten_before=(), progress_bar: bool = True
+    teacher_dir,
+    request: Request,
+    cfg: DictConfig,
+    out_dir,
+    forgotten_before=(),
+    progress_bar: bool = True,
+    checkpoint_dir=None,
 ) -> dict:
     """Forget `request.concept` from the teacher folder's model; the student goes to `out_dir`.
 
     `forgotten_before`: concepts (names or Requests) forgotten by earlier requests, replayed
     through the teacher so they stay forgotten. Returns the step's record (also saved as
-    `out_dir/distill_step.json`).
+    `out_dir/distill_step.json`). With `checkpoint_dir`, Lightning checkpoints are kept there
+    and a `last.ckpt` left by a killed run is resumed from.
     """
     started = time.time()
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
@@ -202,9 +217,19 @@ def run_step(
         torch.cuda.reset_peak_memory_stats()
     module, plan = build_module(teacher_dir, request, cfg, forgotten_before)
     cfg = module.cfg  # with the request's overrides
-    trainer = make_trainer(cfg, progress_bar)
+    trainer = make_trainer(cfg, progress_bar, checkpoint_dir)
+    resume = Path(checkpoint_dir) / "last.ckpt" if checkpoint_dir is not None else None
+    if resume is not None and resume.exists():
+        print(f"[step] resuming {request.concept!r} from {resume}", flush=True)
+    else:
+        resume = None
     fit_started = time.time()
-    trainer.fit(module, train_dataloaders=step_indices(cfg))
+    try:
+        trainer.fit(module, train_dataloaders=step_indices(cfg), ckpt_path=resume)
+    except (RuntimeError, EOFError, OSError) as err:
+        if resume is None:
+            raise
+        raise ValueError(f"checkpoint {resume} cannot be resumed (corrupt?): {err}; delete it to redo the step") from err
     fit_seconds = time.time() - fit_started
     planning_seconds = plan.pop("seconds_planning")
     planning_evaluations = plan.pop("teacher_evaluations_planning")
@@ -214,6 +239,7 @@ def run_step(
         "pipeline": str(out_dir),
         **plan,
         "steps": trainer.global_step,
+        "resumed_from": str(resume) if resume else None,
         "final_losses": module.last_losses,
         "evaluations": {  # samples through each network (a batch of 8 counts 8)
             "teacher": module.teacher.evaluations,

@@ -1,0 +1,122 @@
+"""The Repeat loop: resumes after a kill, refuses tampered weights, runs its default in reduced form."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_forget.ledger import Ledger
+from distill_forget.world.judge import MiniCanvasJudge
+
+FAST = [
+    "threads=1", "step.steps=30", "step.checkpoint_every=2", "step.replay.bank_size=4", "step.sampling_steps=2",
+    "step.score.latents=2", "step.batch=2", "evaluate.seeds=[0]", "evaluate.sampling_steps=1",
+    "evaluate.reference_repeats=1",
+]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_run(tiny_pipeline_dir, tmp_path):
+    judge = tmp_path / "judge.safetensors"
+    torch.manual_seed(0)
+    MiniCanvasJudge().eval().save(judge)
+    requests = tmp_path / "requests.yaml"
+    requests.write_text("requests:\n  - {concept: dots, kind: style}\n  - {concept: star, kind: object}\n")
+    run_dir = tmp_path / "run"
+    args = [f"model={tiny_pipeline_dir}", f"judge={judge}", f"requests={requests}", f"run_dir={run_dir}", *FAST]
+    return run_dir, args
+
+
+def train(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "distill_forget.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+
+
+def kill_when(proc, condition, timeout=240):
+    start = time.time()
+    while not condition():
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+        assert time.time() - start < timeout, "timed out waiting to kill the run"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def finish(args) -> str:
+    proc = train(args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def ledger_lines(run_dir: Path) -> int:
+    path = run_dir / "ledger.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_killed_during_a_request_resumes_from_its_checkpoint(tiny_run):
+    run_dir, args = tiny_run
+    ckpt = run_dir / "steps" / "02-star" / "checkpoints" / "last.ckpt"
+    kill_when(train(args), ckpt.exists)
+    assert ledger_lines(run_dir) == 1
+    first = (run_dir / "steps" / "01-dots" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    out = finish(args)
+    assert "'dots': done before, weights verified" in out  # no finished step redone
+    assert "resuming 'star' from" in out  # the unfinished one continues from its checkpoint
+    records = Ledger(run_dir / "ledger.jsonl").verify()
+    assert [r["request"]["concept"] for r in records] == ["dots", "star"]
+    assert records[1]["input_hash"] == records[0]["output_hash"]
+    assert (run_dir / "steps" / "01-dots" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == first
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [s["index"] for s in report["steps"]] == [1, 2]
+    for key in ("ua", "ira", "cra", "nra", "quality"):
+        assert key in report["base"]["metrics"] and key in report["steps"][1]["metrics"]
+    assert report["steps"][0]["seconds"] > 0
+    assert not (run_dir / "steps" / "02-star" / "checkpoints").exists()
+
+
+def test_killed_between_requests_loses_no_step(tiny_run):
+    run_dir, args = tiny_run
+    kill_when(train(args), lambda: ledger_lines(run_dir) >= 1)
+    out = finish(args)
+    assert "'dots': done before" in out
+    assert [r["request"]["concept"] for r in Ledger(run_dir / "ledger.jsonl").verify()] == ["dots", "star"]
+    assert (run_dir / "steps" / "02-star" / "changed_weights.safetensors").is_file()
+
+
+def test_tampered_checkpoint_is_refused(tiny_run):
+    run_dir, args = tiny_run
+    finish(args)
+    weights = run_dir / "steps" / "01-dots" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = train(args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "refusing to continue from step 1" in out and "01-dots" in out
+
+
+def test_a_malformed_request_file_is_refused_before_any_work(tiny_run, tmp_path):
+    run_dir, args = tiny_run
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("requests:\n  - {concept: dots, kind: colour}\n")
+    proc = train([a if not a.startswith("requests=") else f"requests={bad}" for a in args])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "kind" in out and "request 1" in out
+    assert not run_dir.exists()
+
+
+def test_default_command_smoke_on_the_shipped_model(tmp_path):
+    """`python -m distill_forget.train` as the README runs it, with fewer steps and images."""
+    run_dir = tmp_path / "default"
+    out = finish([f"run_dir={run_dir}", *FAST, "step.steps=2"])
+    assert "all 2 requests done" in out
+    assert len(Ledger(run_dir / "ledger.jsonl").verify()) == 2
+    assert (run_dir / "report.md").is_file() and (run_dir / "metrics.png").is_file()
