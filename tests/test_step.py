@@ -209,7 +209,7 @@ def test_teacher_never_changes_and_stays_out_of_the_checkpoint(tiny_pipeline_dir
     module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg)
     teacher_before = {n: p.detach().clone() for n, p in module.teacher.unet.named_parameters()}
     student_before = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
-    make_trainer(cfg, progress_bar=False).fit(module, train_dataloaders=step_indices(cfg))
+    make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
     for name, param in module.teacher.unet.named_parameters():
         assert torch.equal(param, teacher_before[name]), name
     changed = {n for n, p in module.unet.named_parameters() if not torch.equal(p.detach().cpu(), student_before[n])}
@@ -225,7 +225,7 @@ def test_short_run_step_writes_a_stock_pipeline_folder(tiny_pipeline_dir, tmp_pa
     cfg = fast_cfg("steps=2", "target.mode=score", "neighbors.mode=score", f"replay.mode={replay_mode}")
     out = tmp_path / "student"
     request = Request("dots", "style", prompts=["a ring in dots style", "dots style"])  # few prompts: fast scoring
-    record = run_step(tiny_pipeline_dir, request, cfg, out, forgotten_before=["circle"], progress_bar=False)
+    record = run_step(tiny_pipeline_dir, request, cfg, out, forgotten_before=["circle"])
 
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     teacher = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True)

@@ -20,6 +20,7 @@ from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from callbacks import PlainProgress
 from distill_forget.distill.module import DistillForgetModule
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.prompts import (
@@ -140,10 +141,10 @@ def build_module(
     return DistillForgetModule(student_unet, teacher, encoder, groups, cfg, pipe.scheduler.config), plan
 
 
-def make_trainer(cfg: DictConfig, progress_bar: bool = True, checkpoint_dir=None) -> L.Trainer:
+def make_trainer(cfg: DictConfig, name: str = "step", checkpoint_dir=None) -> L.Trainer:
     """A Trainer for one request; with `checkpoint_dir`, it keeps `last.ckpt` there to resume from."""
     on_gpu = cfg.accelerator != "cpu" and torch.cuda.is_available()
-    callbacks = []
+    callbacks = [PlainProgress(name)]
     if checkpoint_dir is not None:
         callbacks.append(
             ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=0)
@@ -158,10 +159,10 @@ def make_trainer(cfg: DictConfig, progress_bar: bool = True, checkpoint_dir=None
         gradient_clip_val=cfg.grad_clip,
         gradient_clip_algorithm="norm",
         logger=False,
-        enable_checkpointing=bool(callbacks),
+        enable_checkpointing=checkpoint_dir is not None,
         callbacks=callbacks,
         enable_model_summary=False,
-        enable_progress_bar=progress_bar,
+        enable_progress_bar=False,  # PlainProgress: lines that read well in log files
         log_every_n_steps=1,
     )
 
@@ -198,7 +199,6 @@ def run_step(
     cfg: DictConfig,
     out_dir,
     forgotten_before=(),
-    progress_bar: bool = True,
     checkpoint_dir=None,
 ) -> dict:
     """Forget `request.concept` from the teacher folder's model; the student goes to `out_dir`.
@@ -217,7 +217,7 @@ def run_step(
         torch.cuda.reset_peak_memory_stats()
     module, plan = build_module(teacher_dir, request, cfg, forgotten_before)
     cfg = module.cfg  # with the request's overrides
-    trainer = make_trainer(cfg, progress_bar, checkpoint_dir)
+    trainer = make_trainer(cfg, f"step {request.concept!r}", checkpoint_dir)
     resume = Path(checkpoint_dir) / "last.ckpt" if checkpoint_dir is not None else None
     if resume is not None and resume.exists():
         print(f"[step] resuming {request.concept!r} from {resume}", flush=True)
