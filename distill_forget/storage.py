@@ -15,6 +15,12 @@ from pathlib import Path
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
@@ -22,6 +28,7 @@ def atomic_file(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -36,6 +43,7 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; run folders live on shared storage
     try:
         yield tmp
         if path.exists():
