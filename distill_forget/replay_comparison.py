@@ -71,7 +71,7 @@ def format_table(summary: dict) -> str:
     lines = [f"Forgetting {summary['concept']!r} ({summary['kind']}), {summary['steps']} optimizer steps", "",
              "| mode | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]  # fmt: skip
     first = next(iter(summary["modes"].values()))
-    lines.append("| base | - | - | " + " | ".join(str(first["base_metrics"].get(k, "-")) for k in KEYS) + " | - | - |")
+    lines.append("| base | - | - | " + " | ".join("-" if first["base_metrics"].get(k) is None else str(first["base_metrics"][k]) for k in KEYS) + " | - | - |")
     for mode, row in summary["modes"].items():
         rel = row["relative_to_base"]
         seen = " / ".join(str(rel.get(f"{k}_rel", "-")) for k in ("ira", "cra", "nra"))
