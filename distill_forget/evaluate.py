@@ -4,7 +4,8 @@
 
 Generates one image per (object, style, seed) with the evaluation template and fixed seeds,
 judges every image, and writes DIR/metrics.json: object/style accuracy, UA, IRA, CRA,
-NRA and quality (Frechet distance to real renders in the judge's feature space),
+NRA and quality (Frechet distance to real renders in the judge's feature space, over the
+prompts that name no forgotten concept),
 aggregated and per concept, plus every image's judgement so metrics can be recomputed for
 another set of forgotten concepts.
 """
@@ -85,8 +86,19 @@ def frechet_distance(judge, images: torch.Tensor, reference: torch.Tensor) -> fl
     return round(float(fid.compute()), 4)
 
 
-def reference_images(repeats: int, seed: int) -> torch.Tensor:
-    return torch.from_numpy(render_batch(grid_pairs(repeats), seed=seed)).permute(0, 3, 1, 2).contiguous()
+def retained_quality(judge, images: torch.Tensor, prompts: list[dict], forgotten, cfg) -> float | None:
+    """Frechet distance of the images whose prompt names no forgotten concept to real renders of those pairs.
+
+    Images of forgotten concepts are meant to change, so they are left out on both sides; a
+    model is compared with the base model over the same pairs (see `train.py`).
+    """
+    forgotten = set(forgotten)
+    keep = [i for i, p in enumerate(prompts) if not forgotten & {p["object"], p["style"]}]
+    pairs = [pair for pair in grid_pairs(cfg.reference_repeats) if not forgotten & set(pair)]
+    if not keep or not pairs:
+        return None
+    reference = torch.from_numpy(render_batch(pairs, seed=cfg.reference_seed)).permute(0, 3, 1, 2).contiguous()
+    return frechet_distance(judge, images[keep], reference)
 
 
 def evaluate_pipeline(pipe, judge, cfg, forgotten=(), neighbors=None, replayed=None) -> dict:
@@ -100,7 +112,7 @@ def evaluate_pipeline(pipe, judge, cfg, forgotten=(), neighbors=None, replayed=N
     records = [{"prompt": {"object": it["object"], "style": it["style"]}, "seen": s, "seed": it["seed"]}
                for it, s in zip(items, seen)]  # fmt: skip
     result = compute_metrics(records, judge.domains, forgotten, neighbors, replayed)
-    result["metrics"]["quality"] = frechet_distance(judge, images, reference_images(cfg.reference_repeats, cfg.reference_seed))
+    result["metrics"]["quality"] = retained_quality(judge, images, items, forgotten, cfg)
     result.update(
         forgotten=list(forgotten),
         neighbors=list(neighbors),

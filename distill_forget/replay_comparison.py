@@ -17,11 +17,11 @@ from omegaconf import OmegaConf
 from distill_forget.config import load_config, resolve_model_dir
 from distill_forget.distill.step import run_step
 from distill_forget.evaluate import load_judge
-from distill_forget.metrics import compute_metrics, relative_to_base
+from distill_forget.metrics import relative_to_base
 from distill_forget.pipelines import pick_device
 from distill_forget.requests import check_minicanvas, parse_requests
 from distill_forget.storage import atomic_file, write_json
-from distill_forget.train import evaluate_step, load_base
+from distill_forget.train import base_metrics_for, evaluate_step, load_base
 
 KEYS = ("ua", "ira", "cra", "nra", "ira_unseen", "cra_unseen", "nra_unseen", "quality")
 
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     judge, device = load_judge(cfg.judge), pick_device(cfg.evaluate.device)
     if load_base(out) is None:
         print("[base] evaluating the starting model", flush=True)
-        evaluate_step(model_dir, judge, cfg, {"forgotten": [], "replayed": None}, out / "base", device)
+        evaluate_step(model_dir, judge, cfg, {"forgotten": [], "replayed": None}, out / "base", device, keep_images=True)
     base = load_base(out)
     rows = {}
     for mode in cfg.modes:
@@ -44,14 +44,14 @@ def main(argv=None) -> None:
         record = run_step(model_dir, request, step_cfg, out / mode / "pipeline")
         sets = {"forgotten": [cfg.concept], "replayed": record["replayed_concepts"]}
         result = evaluate_step(out / mode / "pipeline", judge, cfg, sets, out / mode, device)
-        matched = compute_metrics(base["judged"], judge.domains, sets["forgotten"], result["neighbors"], sets["replayed"])
+        matched = base_metrics_for(out, base, judge, cfg, sets, result["neighbors"])
         rows[mode] = {
             "seconds": record["seconds"],
             "evaluations": record["evaluations"],
             "neighbors": record["neighbors"]["chosen"],
             "metrics": {k: result["metrics"].get(k) for k in KEYS},
-            "base_metrics": {k: matched["metrics"].get(k) for k in KEYS if k != "quality"} | {"quality": base["metrics"]["quality"]},
-            "relative_to_base": relative_to_base(result["metrics"], matched["metrics"]),
+            "base_metrics": {k: matched.get(k) for k in KEYS},
+            "relative_to_base": relative_to_base(result["metrics"], matched),
         }
     summary = {"concept": cfg.concept, "kind": cfg.kind, "steps": cfg.step.steps, "modes": rows}
     if {"bank", "per_step"} <= set(rows):

@@ -22,13 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from distill_forget.config import load_config, resolve_model_dir
 from distill_forget.distill.step import run_step
-from distill_forget.evaluate import evaluate_pipeline, load_judge, save_grid_png
+from distill_forget.evaluate import evaluate_pipeline, load_judge, retained_quality, save_grid_png
 from distill_forget.ledger import Ledger, LedgerError, step_dir, utc_now, weights_hash
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.report import write_report
 from distill_forget.requests import RequestFileError, check_minicanvas, load_requests
-from distill_forget.storage import atomic_file, write_json
+from distill_forget.storage import atomic_file, torch_load, torch_save, write_json
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -65,12 +65,22 @@ def evaluation_for(records_so_far: list[dict]) -> dict:
     return {"forgotten": forgotten, "replayed": replayed}
 
 
-def evaluate_step(pipe_dir: Path, judge, cfg, sets: dict, out_dir: Path, device) -> dict:
+def evaluate_step(pipe_dir: Path, judge, cfg, sets: dict, out_dir: Path, device, keep_images=False) -> dict:
     pipe = load_pipeline(pipe_dir, device)
     result, images = evaluate_pipeline(pipe, judge, cfg.evaluate, sets["forgotten"], None, sets["replayed"])
+    if keep_images:  # the base model's, to measure its quality over each step's retained prompts
+        torch_save(images, out_dir / "images.pt")
     write_json(out_dir / "metrics.json", result)
     save_forget_retain_grid(images, result, out_dir / "grid.png")
     return result
+
+
+def base_metrics_for(run_dir: Path, base: dict, judge, cfg, sets: dict, neighbors) -> dict:
+    """The base model's metrics over a step's forgotten, neighbour and replayed sets."""
+    matched = compute_metrics(base["judged"], judge.domains, sets["forgotten"], neighbors, sets["replayed"])["metrics"]
+    images = torch_load(run_dir / "base" / "images.pt", "base model images")
+    prompts = [record["prompt"] for record in base["judged"]]
+    return {**matched, "quality": retained_quality(judge, images, prompts, sets["forgotten"], cfg.evaluate)}
 
 
 def save_forget_retain_grid(images: torch.Tensor, result: dict, path: Path) -> None:
@@ -109,7 +119,7 @@ def main(argv=None) -> None:
 
     if cfg.evaluate_every_step and load_base(run_dir) is None:
         print("[base] evaluating the starting model", flush=True)
-        evaluate_step(model_dir, judge, cfg, {"forgotten": [], "replayed": None}, run_dir / "base", device)
+        evaluate_step(model_dir, judge, cfg, {"forgotten": [], "replayed": None}, run_dir / "base", device, keep_images=True)
     base = load_base(run_dir)
 
     teacher_dir, step_rows = model_dir, []
@@ -174,8 +184,7 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         base = load_base(folder.parent.parent)
         record["metrics"] = result["metrics"]
         if base is not None:
-            matched = compute_metrics(base["judged"], judge.domains, sets["forgotten"], result["neighbors"], sets["replayed"])
-            record["base_metrics"] = {**matched["metrics"], "quality": base["metrics"]["quality"]}
+            record["base_metrics"] = base_metrics_for(folder.parent.parent, base, judge, cfg, sets, result["neighbors"])
         shown = {k: result["metrics"][k] for k in ("ua", "ira", "cra", "nra", "quality")}
         print(f"[{index}/{len(requests)}] {request.concept!r} done in {seconds:.0f} s; metrics {shown}", flush=True)
     return record
@@ -184,7 +193,9 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
 def load_base(run_dir: Path) -> dict | None:
     """The starting model's evaluation, with every image's judgement (None before it ran)."""
     path = run_dir / "base" / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not (path.exists() and (run_dir / "base" / "images.pt").exists()):  # images: older runs lack them
+        return None
+    return json.loads(path.read_text())
 
 
 def report_row(record: dict) -> dict:

@@ -41,3 +41,19 @@ def test_evaluate_command_writes_every_metric(tiny_pipeline_dir, tmp_path, capsy
 def test_evaluate_defaults_live_in_one_config():
     cfg = OmegaConf.load(CONFIG_DIR / "evaluate.yaml")
     assert cfg.model is None and list(cfg.seeds)
+
+
+def test_quality_leaves_out_the_images_of_forgotten_concepts():
+    from distill_forget.evaluate import load_judge, retained_quality
+    from distill_forget.world.render import grid_pairs, render_batch
+
+    judge = load_judge(None)  # the shipped judge: features that tell the concepts apart
+    cfg = OmegaConf.create({"reference_repeats": 1, "reference_seed": 11})
+    prompts = [{"object": o, "style": s} for o, s in grid_pairs()]
+    images = torch.from_numpy(render_batch(grid_pairs(), seed=3)).permute(0, 3, 1, 2).contiguous()
+    broken = images.clone()
+    dots = [i for i, p in enumerate(prompts) if p["style"] == "dots"]
+    broken[dots] = 0  # what forgetting "dots" is allowed to do to its own images
+
+    assert retained_quality(judge, broken, prompts, ["dots"], cfg) == retained_quality(judge, images, prompts, ["dots"], cfg)
+    assert retained_quality(judge, broken, prompts, [], cfg) > retained_quality(judge, images, prompts, [], cfg)
