@@ -1,5 +1,6 @@
 """Lightning callbacks: the side work of a training run (progress, logging, checkpoints on signal)."""
 
 from callbacks.progress import PlainProgress
+from callbacks.wandb_report import WandbReport
 
-__all__ = ["PlainProgress"]
+__all__ = ["PlainProgress", "WandbReport"]

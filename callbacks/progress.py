@@ -17,7 +17,7 @@ class PlainProgress(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step, total = trainer.global_step, trainer.max_steps
-        if step == self.first_step or (step % self.every and step != total):
+        if not trainer.is_global_zero or step == self.first_step or (step % self.every and step != total):
             return
         rate = (step - self.first_step) / max(time.time() - self.started, 1e-9)
         losses = " ".join(f"{k}={float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith("loss/"))

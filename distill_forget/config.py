@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR.parent / "configs"
 MINICANVAS_DIR = PACKAGE_DIR / "assets" / "minicanvas"  # the shipped model and judge
+CONCEPT_BANK = PACKAGE_DIR / "assets" / "concept_bank.yaml"  # candidate neighbours for real models
 
 
 def read_config(name: str) -> DictConfig:
@@ -24,9 +25,13 @@ def load_config(name: str, argv: list[str] | None = None, doc: str = "", section
     """`configs/<name>.yaml` merged with `key=value` arguments; `--help` prints both and exits.
 
     Each name in `sections` mounts `configs/<section>.yaml` under that key (`step.lr=...`), so a
-    command that drives another keeps that command's defaults in their one home.
+    command that drives another keeps that command's defaults in their one home. `config=FILE`
+    (a YAML path, or a name under `configs/` such as `models/sd15`) merges a file of settings,
+    e.g. a model's, over the defaults before the `key=value` arguments; it may set only known keys.
     """
     argv = sys.argv[1:] if argv is None else argv
+    presets = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
+    argv = [a for a in argv if not a.startswith("config=")]
     path = CONFIG_DIR / f"{name}.yaml"
     base = read_config(name)
     for section in sections:
@@ -39,6 +44,15 @@ def load_config(name: str, argv: list[str] | None = None, doc: str = "", section
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise SystemExit(f"arguments must be key=value (got {bad}); see --help")
+    for preset in presets:
+        preset_path = Path(preset) if Path(preset).is_file() else CONFIG_DIR / f"{preset}.yaml"
+        if not preset_path.is_file():
+            raise SystemExit(f"config={preset}: no such file (nor {preset_path})")
+        settings = OmegaConf.load(preset_path)
+        unknown = [k for k in _flat_keys(settings) if OmegaConf.select(base, k, default="__missing__") == "__missing__"]
+        if unknown:
+            raise SystemExit(f"{preset_path}: unknown setting(s) {unknown}; see --help for the settings of this command")
+        base = OmegaConf.merge(base, settings)
     overrides = OmegaConf.from_dotlist(argv)
     unknown = [k for k in _flat_keys(overrides) if OmegaConf.select(base, k, default="__missing__") == "__missing__"]
     if unknown:

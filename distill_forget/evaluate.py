@@ -101,13 +101,37 @@ def retained_quality(judge, images: torch.Tensor, prompts: list[dict], forgotten
     return frechet_distance(judge, images[keep], reference)
 
 
-def evaluate_pipeline(pipe, judge, cfg, forgotten=(), neighbors=None, replayed=None) -> dict:
-    """Generate the grid with `pipe`, judge it, and compute every metric."""
+def generate_sharded(pipe, items: list[dict], cfg, ranks) -> torch.Tensor | None:
+    """`generate` with every rank drawing every world-th image; the whole grid on rank 0, None elsewhere.
+
+    Each image comes from its own seed, so the grid is the one a single process draws.
+    """
+    if ranks is None or ranks.world == 1:
+        return generate(pipe, items, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+    mine = items[ranks.rank :: ranks.world]
+    shares = ranks.gather(generate(pipe, mine, cfg.sampling_steps, cfg.guidance_scale, cfg.batch) if mine else None)
+    if not ranks.is_main:
+        return None
+    images = torch.empty((len(items), *next(s for s in shares if s is not None).shape[1:]), dtype=torch.uint8)
+    for rank, share in enumerate(shares):
+        if share is not None:
+            images[rank :: ranks.world] = share
+    return images
+
+
+def evaluate_pipeline(pipe, judge, cfg, forgotten=(), neighbors=None, replayed=None, ranks=None) -> dict:
+    """Generate the grid with `pipe`, judge it, and compute every metric.
+
+    With `ranks` (several processes), the grid's generation is shared over them and rank 0
+    alone judges and returns the result; the other ranks return (None, None).
+    """
     t0 = time.time()
     if neighbors is None:
         neighbors = [n for f in forgotten for n in concepts.neighbors_of(f) if n not in forgotten]
     items = grid_prompts(cfg.seeds)
-    images = generate(pipe, items, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+    images = generate_sharded(pipe, items, cfg, ranks)
+    if images is None:
+        return None, None
     seen = judge_images(judge, images)
     records = [{"prompt": {"object": it["object"], "style": it["style"]}, "seen": s, "seed": it["seed"]}
                for it, s in zip(items, seen)]  # fmt: skip

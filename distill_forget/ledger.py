@@ -159,8 +159,15 @@ class Ledger:
                     f"{self.path}: {name}: prev_hash does not match {before}: "
                     "records were removed, inserted or reordered"
                 )
-            # The teacher of each request is the student the request before it produced.
-            if previous and record.get("input_hash") != previous.get("output_hash"):
+            # The teacher of each request is the student the request before it produced (in the
+            # sequential setting; the others start every request from the first one's teacher).
+            if previous and record.get("setting", "sequential") != "sequential":
+                if record.get("input_hash") != records[0].get("input_hash"):
+                    raise LedgerError(
+                        f"{self.path}: {name}: input_hash is not the starting model of record 1, "
+                        f"as the {record['setting']!r} setting requires"
+                    )
+            elif previous and record.get("input_hash") != previous.get("output_hash"):
                 raise LedgerError(
                     f"{self.path}: {name}: input_hash (the teacher's weights) is not the output_hash of "
                     f"{_name(previous, number - 1)}: this request did not start from the previous model"

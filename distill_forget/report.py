@@ -86,9 +86,11 @@ def format_markdown(report: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     total = report["steps"][-1]["cumulative_seconds"] if report["steps"] else 0.0
+    settings = sorted({step["setting"] for step in report["steps"] if step.get("setting")})
     return (
         "# Unlearning run report\n\n"
-        "Metrics in % (quality: Frechet distance, lower is better); `-` is not measured.\n\n"
+        + (f"Setting: {', '.join(settings)}.\n\n" if settings else "")
+        + "Metrics in % (quality: Frechet distance, lower is better); `-` is not measured.\n\n"
         + "\n".join(lines)
         + f"\n\n{len(report['steps'])} requests, {total:.1f} s in all.\n\n"
         "![metrics over requests](metrics.png)\n\n![cumulative cost](cost.png)\n"

@@ -14,43 +14,62 @@ resumes the unfinished one from its last Lightning checkpoint.
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from callbacks import WandbReport
 from distill_forget.config import load_config, resolve_model_dir
-from distill_forget.distill.step import run_step
+from distill_forget.distributed import Ranks
+from distill_forget.distill.step import run_step, save_student
 from distill_forget.evaluate import evaluate_pipeline, load_judge, retained_quality, save_grid_png
 from distill_forget.ledger import Ledger, LedgerError, step_dir, utc_now, weights_hash
+from distill_forget.merging import MERGE_METHODS, merge_states, unet_state
 from distill_forget.metrics import compute_metrics
-from distill_forget.pipelines import load_pipeline, pick_device
+from distill_forget.pipelines import load_pipeline, pick_device, unet_weight_files
 from distill_forget.report import write_report
 from distill_forget.requests import RequestFileError, check_minicanvas, load_requests
 from distill_forget.storage import atomic_file, torch_load, torch_save, write_json
 
-UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-
 
 def save_changed_weights(teacher_dir: Path, student_dir: Path, path: Path) -> int:
-    """The student UNet's tensors that differ from the teacher's, alone; returns their count."""
-    teacher, student = load_file(teacher_dir / UNET_WEIGHTS), load_file(student_dir / UNET_WEIGHTS)
-    changed = {name: t.contiguous() for name, t in student.items() if not torch.equal(t, teacher[name])}
+    """The student UNet's tensors that differ from the teacher's, alone; returns their count.
+
+    Compared one tensor at a time, so a large UNet (SDXL's: 10 GB in float32, sharded) is never
+    held in memory twice.
+    """
+    with ExitStack() as files:
+        teacher = {}  # tensor name -> the open teacher file holding it
+        for file in unet_weight_files(teacher_dir):
+            handle = files.enter_context(safe_open(file, "pt"))
+            teacher.update(dict.fromkeys(handle.keys(), handle))
+        changed = {}
+        for file in unet_weight_files(student_dir):
+            student = files.enter_context(safe_open(file, "pt"))
+            for name in student.keys():
+                tensor = student.get_tensor(name)
+                if name not in teacher or not torch.equal(tensor, teacher[name].get_tensor(name)):
+                    changed[name] = tensor.contiguous()
     with atomic_file(path) as tmp:
         save_file(changed, str(tmp))
     return len(changed)
 
 
-def prepare_run_dir(cfg, requests_path: Path, run_dir: Path) -> None:
-    """Save the merged config and the request file; refuse a run folder made for other requests."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def prepare_run_dir(cfg, requests_path: Path, run_dir: Path, write: bool = True) -> None:
+    """Save the merged config and the request file (when `write`: rank 0); refuse a run folder made for other requests."""
     saved = run_dir / "requests.yaml"
     if saved.exists() and saved.read_text() != requests_path.read_text():
         raise SystemExit(
             f"{run_dir} was started with other requests ({saved} differs from {requests_path}); "
             "use another run_dir, or the same request file to resume"
         )
+    if not write:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
         with atomic_file(saved) as tmp:
             shutil.copyfile(requests_path, tmp)
@@ -58,16 +77,37 @@ def prepare_run_dir(cfg, requests_path: Path, run_dir: Path) -> None:
         OmegaConf.save(cfg, tmp)
 
 
-def evaluation_for(records_so_far: list[dict]) -> dict:
-    """Which concepts count as forgotten and as replayed after these steps."""
+SETTINGS = ("sequential", "independent", "simultaneous")
+
+
+def check_loop_settings(cfg) -> None:
+    """`setting` and `merge`, refused before any work when they are not usable."""
+    if cfg.setting not in SETTINGS:
+        raise SystemExit(f"setting must be one of {', '.join(SETTINGS)} (got {cfg.setting!r})")
+    if cfg.merge.method not in MERGE_METHODS:
+        raise SystemExit(f"merge.method must be one of {', '.join(MERGE_METHODS)} (got {cfg.merge.method!r})")
+    if cfg.merge.method != "none" and cfg.setting != "independent":
+        raise SystemExit(f"merge.method={cfg.merge.method} merges independent runs: it needs setting=independent")
+
+
+def evaluation_for(records_so_far: list[dict], setting: str = "sequential") -> dict:
+    """Which concepts count as forgotten and as replayed after these steps.
+
+    independent: the model after request i has forgotten request i's concept only.
+    """
+    if setting == "independent":
+        records_so_far = records_so_far[-1:]
     forgotten = [r["request"]["concept"] for r in records_so_far]
     replayed = sorted({c for r in records_so_far for c in r.get("replayed_concepts", [])} - set(forgotten))
     return {"forgotten": forgotten, "replayed": replayed}
 
 
-def evaluate_step(pipe_dir: Path, judge, cfg, sets: dict, out_dir: Path, device, keep_images=False) -> dict:
+def evaluate_step(pipe_dir: Path, judge, cfg, sets: dict, out_dir: Path, device, keep_images=False, ranks=None) -> dict | None:
+    """Evaluate and write the results (rank 0); the other ranks draw their share of the images and get None."""
     pipe = load_pipeline(pipe_dir, device)
-    result, images = evaluate_pipeline(pipe, judge, cfg.evaluate, sets["forgotten"], None, sets["replayed"])
+    result, images = evaluate_pipeline(pipe, judge, cfg.evaluate, sets["forgotten"], None, sets["replayed"], ranks)
+    if result is None:
+        return None
     if keep_images:  # the base model's, to measure its quality over each step's retained prompts
         torch_save(images, out_dir / "images.pt")
     write_json(out_dir / "metrics.json", result)
@@ -96,6 +136,7 @@ def save_forget_retain_grid(images: torch.Tensor, result: dict, path: Path) -> N
 def main(argv=None) -> None:
     cfg = load_config("train", argv, __doc__, sections=("step", "evaluate"))
     torch.set_num_threads(cfg.threads)
+    ranks = Ranks.start(cfg.step.accelerator)  # processes come from torchrun / srun (launch/); rank 0 writes
     run_dir = Path(cfg.run_dir)
     requests_path = Path(cfg.requests)
     try:
@@ -105,7 +146,9 @@ def main(argv=None) -> None:
     except RequestFileError as err:
         raise SystemExit(f"bad request file: {err}") from None
     model_dir = resolve_model_dir(cfg.model)
-    prepare_run_dir(cfg, requests_path, run_dir)
+    check_loop_settings(cfg)
+    prepare_run_dir(cfg, requests_path, run_dir, write=ranks.is_main)
+    ranks.barrier()
     device = pick_device(cfg.evaluate.device)
     judge = load_judge(cfg.judge)
     ledger = Ledger(run_dir / "ledger.jsonl")
@@ -115,11 +158,16 @@ def main(argv=None) -> None:
         raise SystemExit(f"the run's ledger does not verify: {err}") from None
     if len(records) > len(requests):
         raise SystemExit(f"{ledger.path} has {len(records)} records but {requests_path} only {len(requests)} requests")
-    print(f"run {run_dir}: {len(requests)} requests, {len(records)} already done; starting model {model_dir}", flush=True)
+    say = print if ranks.is_main else lambda *args, **kwargs: None
+    say(f"run {run_dir}: {len(requests)} requests ({cfg.setting}), {len(records)} already done; "
+        f"starting model {model_dir}; {ranks.world} process(es)", flush=True)  # fmt: skip
+    report = WandbReport.start(cfg, run_dir) if ranks.is_main else None
 
-    if cfg.evaluate_every_step and load_base(run_dir) is None:
-        print("[base] evaluating the starting model", flush=True)
-        evaluate_step(model_dir, judge, cfg, {"forgotten": [], "replayed": None}, run_dir / "base", device, keep_images=True)
+    if cfg.evaluate_every_step and ranks.broadcast(load_base(run_dir) is None):
+        say("[base] evaluating the starting model", flush=True)
+        base_sets = {"forgotten": [], "replayed": None}
+        evaluate_step(model_dir, judge, cfg, base_sets, run_dir / "base", device, keep_images=True, ranks=ranks)
+    ranks.barrier()
     base = load_base(run_dir)
 
     teacher_dir, step_rows = model_dir, []
@@ -135,34 +183,65 @@ def main(argv=None) -> None:
                 ledger.verify_weights(index, pipeline_dir)
             except (LedgerError, FileNotFoundError) as err:
                 raise SystemExit(f"refusing to continue from step {index}: {err}") from None
-            print(f"[{index}/{len(requests)}] {request.concept!r}: done before, weights verified", flush=True)
+            say(f"[{index}/{len(requests)}] {request.concept!r}: done before, weights verified", flush=True)
+            new = False
         else:
-            record = run_request(cfg, index, request, requests, teacher_dir, folder, records, judge, device)
-            record = ledger.append(record)
+            new = True
+            if cfg.setting != "sequential":  # every request starts from the starting model
+                teacher_dir = model_dir
+            record = run_request(
+                cfg, index, request, requests, teacher_dir, folder, records, judge, device, model_dir, ranks, report
+            )  # fmt: skip
+            if ranks.is_main:
+                record = ledger.append(record)
+            ranks.barrier()  # the next request reads this one's folder
             records.append(record)
         teacher_dir = pipeline_dir
+        if not ranks.is_main:
+            continue
         step_rows.append(report_row(record))
         if base is not None:  # the base row over the latest set of forgotten concepts
             write_report(run_dir, {"metrics": record.get("base_metrics") or base["metrics"]}, step_rows)
-    print(f"all {len(requests)} requests done; final model {teacher_dir}; report {run_dir / 'report.md'}; "
-          f"ledger {ledger.path} (check it with: python -m distill_forget.ledger {run_dir})")  # fmt: skip
+        if report is not None:
+            report.request_done(record, folder, ledger.path, log=new)  # logged once, by the job that ran it
+    if report is not None:
+        report.finish()
+    say(f"all {len(requests)} requests done; final model {teacher_dir}; report {run_dir / 'report.md'}; "
+        f"ledger {ledger.path} (check it with: python -m distill_forget.ledger {run_dir})")  # fmt: skip
 
 
-def run_request(cfg, index, request, requests, teacher_dir, folder, records, judge, device) -> dict:
-    print(f"[{index}/{len(requests)}] forgetting {request.concept!r} ({request.kind}) from {teacher_dir}", flush=True)
+def run_request(cfg, index, request, requests, teacher_dir, folder, records, judge, device, model_dir,
+                ranks=Ranks(), report=None) -> dict | None:  # fmt: skip
+    """One request on every rank; its ledger record on rank 0, None on the others."""
+    if ranks.is_main:
+        print(f"[{index}/{len(requests)}] forgetting {request.concept!r} ({request.kind}) from {teacher_dir}", flush=True)
     started = utc_now()
     t0 = time.time()
     pipeline_dir = folder / "pipeline"
+    earlier = requests[: index - 1]
+    merging = cfg.merge.method != "none"  # the student is then one of the models merged into pipeline_dir
+    student_dir = folder / "independent" if merging else pipeline_dir
     step_record = run_step(
-        teacher_dir, request, cfg.step, pipeline_dir, forgotten_before=requests[: index - 1],
-        checkpoint_dir=folder / "checkpoints",
+        teacher_dir, request, cfg.step, student_dir, checkpoint_dir=folder / "checkpoints", base_dir=model_dir,
+        logger=report.logger if report is not None else None,
+        forgotten_before=earlier if cfg.setting == "sequential" else (),
+        forget_together=earlier if cfg.setting == "simultaneous" else (),
     )  # fmt: skip
+    if merging and ranks.is_main:
+        students = [step_dir(folder.parent.parent, k, r.concept) / "independent" for k, r in enumerate(requests[:index], 1)]
+        merged = merge_students(cfg.merge, Path(model_dir), students, pipeline_dir)
+    ranks.barrier()
     seconds = round(time.time() - t0, 1)  # the request's cost, evaluation excluded
+    if not ranks.is_main:  # the others only draw their share of the evaluation's images
+        if cfg.evaluate_every_step:
+            evaluate_step(pipeline_dir, judge, cfg, {"forgotten": [], "replayed": None}, folder, device, ranks=ranks)
+        return None
     changed = save_changed_weights(Path(teacher_dir), pipeline_dir, folder / "changed_weights.safetensors")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the step is whole: its pipeline folder replaces them
     record = {
         "index": index,
         "request": request.to_dict(),
+        "setting": cfg.setting,
         "settings": step_record["settings"],
         "started": started,
         "finished": utc_now(),
@@ -178,15 +257,29 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         "output_hash": weights_hash(pipeline_dir),
         "metrics": {},
     }
+    if merging:
+        record["merge"] = {**merged["merge"], "independent_hash": weights_hash(student_dir)}
     if cfg.evaluate_every_step:
-        sets = evaluation_for([*records, record])
-        result = evaluate_step(pipeline_dir, judge, cfg, sets, folder, device)
+        sets = evaluation_for([*records, record], "merged" if merging else cfg.setting)
+        result = evaluate_step(pipeline_dir, judge, cfg, sets, folder, device, ranks=ranks)
         base = load_base(folder.parent.parent)
         record["metrics"] = result["metrics"]
         if base is not None:
             record["base_metrics"] = base_metrics_for(folder.parent.parent, base, judge, cfg, sets, result["neighbors"])
         shown = {k: result["metrics"][k] for k in ("ua", "ira", "cra", "nra", "quality")}
         print(f"[{index}/{len(requests)}] {request.concept!r} done in {seconds:.0f} s; metrics {shown}", flush=True)
+    return record
+
+
+def merge_students(merge_cfg, base_dir: Path, student_dirs: list[Path], out_dir: Path) -> dict:
+    """The merge of independent students (pipeline folders), saved as a pipeline folder; its record."""
+    print(f"[merge] {merge_cfg.method} of {len(student_dirs)} independent students", flush=True)
+    base = unet_state(base_dir)
+    merged = merge_states(base, [unet_state(d) for d in student_dirs], merge_cfg.method, merge_cfg.scale, merge_cfg.top_k)
+    unet = load_pipeline(base_dir).unet
+    unet.load_state_dict(merged)
+    record = {"merge": {**OmegaConf.to_container(merge_cfg), "students": [str(d) for d in student_dirs]}}
+    save_student(unet, base_dir, out_dir, record)
     return record
 
 
@@ -203,6 +296,7 @@ def report_row(record: dict) -> dict:
         "index": record["index"],
         "concept": record["request"]["concept"],
         "kind": record["request"]["kind"],
+        "setting": record.get("setting", "sequential"),
         "metrics": record["metrics"],
         "base_metrics": record.get("base_metrics"),
         "seconds": record["seconds"],

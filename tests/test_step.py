@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distill_forget.config import load_config
+from distill_forget.distill.global_batch import GlobalBatch
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
     ForgetMapping,
@@ -144,6 +145,24 @@ def test_prompts_avoid_the_eval_template_and_held_out_concepts():
     assert "circle" not in seen and all("circle" in mentioned(p) for p in groups.forgotten)
 
 
+def test_real_model_neighbours_come_from_the_concept_bank(tmp_path):
+    bank = tmp_path / "bank.yaml"
+    bank.write_text("style: [Claude Monet, Van Gogh, Rembrandt, pixel art]\nobject: [dog]\n")
+    cfg = fast_cfg("world=none", "neighbors.mode=score", f"neighbors.pool={bank}", "neighbors.top_k=2",
+                   "retain.prompts=[a photo of a dog]")
+    request = Request("Van Gogh", "style", prompts=["a painting by Van Gogh", "a sunflower field by Van Gogh"])
+    # a stand-in for the teacher's score distance: the closer the name's length, the closer the concept
+    by_length = lambda concept, others: torch.tensor([abs(len(o) - len(concept)) for o in others], dtype=torch.float)  # noqa: E731
+    groups, plan = plan_prompts(request, [Request("Rembrandt", "style", prompts=["a Rembrandt"])], cfg, by_length, None)
+    assert plan["neighbors"]["chosen"] == ["pixel art", "Claude Monet"]  # the forgotten Rembrandt is not offered
+    assert groups.neighbor == [p.replace("Van Gogh", n) for n in ("pixel art", "Claude Monet") for p in request.prompts]
+    assert groups.retain == ["a photo of a dog"]
+
+    with pytest.raises(FileNotFoundError, match="concept bank"):
+        missing = fast_cfg("world=none", "neighbors.mode=score", f"neighbors.pool={tmp_path / 'nope.yaml'}")
+        plan_prompts(request, [], missing, by_length, None)
+
+
 # ---------------------------------------------------------------- objectives and score distance
 
 
@@ -163,25 +182,27 @@ def test_each_objective_is_zero_when_student_equals_teacher(networks):
     z0 = torch.randn(2, *teacher.latent_shape)
     retain = encoder(["a ring in neon style", "a square in dots style"])
     forget, mapped = encoder(["a star in mosaic style"] * 2), encoder(["a star in sketch style"] * 2)
-    for objective in (RetainReplay(scheduler), NeighborPreservation(scheduler), ForgottenReplay(scheduler)):
+    draw = GlobalBatch(seed=0)
+    for objective in (RetainReplay(scheduler, draw), NeighborPreservation(scheduler, draw), ForgottenReplay(scheduler, draw)):
         assert objective(student, teacher, z0, retain).item() == 0.0
     assert ParameterAnchor()(student_unet, teacher.unet).item() == 0.0
-    assert ForgetMapping(scheduler, t_max=600)(student, teacher, z0, forget, mapped).item() > 0.0
+    assert ForgetMapping(scheduler, 600, draw)(student, teacher, z0, forget, mapped).item() > 0.0
 
     with torch.no_grad():
         next(p for n, p in student_unet.named_parameters() if ".attn2.to_k." in n).add_(0.05)
-    assert RetainReplay(scheduler)(student, teacher, z0, retain).item() > 0.0
+    assert RetainReplay(scheduler, draw)(student, teacher, z0, retain).item() > 0.0
     assert ParameterAnchor()(student_unet, teacher.unet).item() > 0.0
 
 
 def test_score_distance_is_zero_for_identical_prompts_and_symmetric(networks):
     teacher, encoder = networks
-    a, b = encoder(["a ring in neon style", "a square in dots style"])
+    ring, square = "a ring in neon style", "a square in dots style"
+    a, b = encoder([ring, square])
     assert score_distance(teacher.unet, a, a, num_latents=4, seed=1).item() == 0.0
     d_ab = score_distance(teacher.unet, a, b, num_latents=4, seed=1)
     d_ba = score_distance(teacher.unet, b, a, num_latents=4, seed=1)
     assert d_ab.item() > 0.0 and d_ab.item() == pytest.approx(d_ba.item(), rel=1e-6)
-    batched = score_distance(teacher.unet, torch.stack([a, a]), torch.stack([a, b]), num_latents=4, seed=1)
+    batched = score_distance(teacher.unet, encoder([ring, ring]), encoder([ring, square]), num_latents=4, seed=1)
     assert batched.shape == (2,) and batched[0] == 0.0 and batched[1].item() == pytest.approx(d_ab.item(), rel=1e-5)
 
 

@@ -17,7 +17,7 @@ from distill_forget.world.judge import MiniCanvasJudge
 FAST = [
     "threads=1", "step.steps=12", "step.checkpoint_every=2", "step.replay.bank_size=4", "step.sampling_steps=2",
     "step.score.latents=2", "step.batch=2", "evaluate.seeds=[0]", "evaluate.sampling_steps=1",
-    "evaluate.reference_repeats=1",
+    "evaluate.reference_repeats=1", "wandb.mode=disabled",  # W&B has its own test (test_wandb.py)
 ]  # fmt: skip
 
 

@@ -11,22 +11,42 @@ import lightning as L
 import torch
 from diffusers import DDPMScheduler
 
-from distill_forget.distill.networks import Denoiser, PromptEncoder
+from distill_forget.distill.global_batch import GlobalBatch
+from distill_forget.distill.networks import Condition, Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
+    ESD,
+    ConceptAblation,
     ForgetMapping,
     ForgottenReplay,
     NeighborPreservation,
     ParameterAnchor,
     RetainReplay,
+    StartingPointPenalty,
 )
+from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask
 from distill_forget.distill.prompts import PromptGroups
 from distill_forget.distill.replay import TeacherSampler, make_replay
+from distill_forget.distributed import current_ranks
 
 TRAINABLE = {
     "full": lambda name: True,
     "cross_attention": lambda name: ".attn2." in name,
     "cross_attention_kv": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name,
+    "non_cross_attention": lambda name: ".attn2." not in name,  # ESD-u
 }
+
+FORGET_OBJECTIVES = ("distill", "esd", "ablation")
+
+
+def forget_objective(cfg, noise_scheduler, draw):
+    """The forget loss named by `forget_objective`: distill (ForgetMapping) | esd | ablation."""
+    if cfg.forget_objective == "distill":
+        return ForgetMapping(noise_scheduler, cfg.t_max, draw)
+    if cfg.forget_objective == "esd":
+        return ESD(noise_scheduler, cfg.esd.eta, draw)
+    if cfg.forget_objective == "ablation":
+        return ConceptAblation(noise_scheduler, draw)
+    raise ValueError(f"forget_objective must be one of {FORGET_OBJECTIVES} (got {cfg.forget_objective!r})")
 
 
 def select_trainable(unet: torch.nn.Module, mode: str) -> list[str]:
@@ -45,7 +65,14 @@ def select_trainable(unet: torch.nn.Module, mode: str) -> list[str]:
 
 class DistillForgetModule(L.LightningModule):
     def __init__(
-        self, student_unet, teacher: Denoiser, encoder: PromptEncoder, groups: PromptGroups, cfg, scheduler_config
+        self,
+        student_unet,
+        teacher: Denoiser,
+        encoder: PromptEncoder,
+        groups: PromptGroups,
+        cfg,
+        scheduler_config,
+        base_unet=None,  # M_0, for regularisers referenced to the base model (else the teacher is used)
     ):
         super().__init__()
         self.unet = student_unet
@@ -56,24 +83,39 @@ class DistillForgetModule(L.LightningModule):
         self.encoder = encoder
         self.groups, self.cfg, self.scheduler_config = groups, cfg, scheduler_config
         noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+        # Which latents, noise and timesteps each micro-batch gets: drawn for the global batch
+        # (`batch`) alike on every rank, each rank keeping its slice (its rank is set at fit start).
+        self.draw = GlobalBatch(cfg.seed + 1)  # + 1: a stream apart from the replay bank's
         # The losses hold no weights of their own; a zero lambda skips a loss and its network calls.
         self.objectives = torch.nn.ModuleDict(
             {
-                "forget": ForgetMapping(noise_scheduler, cfg.t_max),
-                "retain": RetainReplay(noise_scheduler),
-                "neighbor": NeighborPreservation(noise_scheduler),
-                "forgotten": ForgottenReplay(noise_scheduler),
+                "forget": forget_objective(cfg, noise_scheduler, self.draw),
+                "retain": RetainReplay(noise_scheduler, self.draw),
+                "neighbor": NeighborPreservation(noise_scheduler, self.draw),
+                "forgotten": ForgottenReplay(noise_scheduler, self.draw),
                 "reg": ParameterAnchor(),
+                "l1sp": StartingPointPenalty(1),
+                "l2sp": StartingPointPenalty(2),
             }
         )
+        regs = cfg.regularizers
+        # Plain attributes, like the teacher: references are never trained nor checkpointed.
+        self.references = {"previous": teacher.unet, "base": base_unet if base_unet is not None else teacher.unet}
+        for name in ("l1sp", "l2sp"):
+            if regs[name].reference not in self.references:
+                raise ValueError(f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})")
+        self.selective: SelectiveMask | None = None
+        self.projection: ProtectedProjection | None = None
         self.weights = {
             "forget": cfg.lambda_f,
             "retain": cfg.lambda_r,
             "neighbor": cfg.lambda_n,
             "forgotten": cfg.lambda_forgotten,
             "reg": cfg.lambda_reg,
+            "l1sp": regs.l1sp.weight,
+            "l2sp": regs.l2sp.weight,
         }
-        self.embeds: dict[str, torch.Tensor] = {}
+        self.embeds: dict[str, Condition] = {}
         self.sampler, self.replay, self.replay_seconds = None, None, 0.0
         self.last_losses: dict[str, float] = {}
 
@@ -81,18 +123,28 @@ class DistillForgetModule(L.LightningModule):
         # Every prompt of the step is encoded once here, never per batch.
         if not self.embeds:
             groups = self.groups.as_dict()
-            self.embeds = {name: self.encoder(prompts).cpu() for name, prompts in groups.items() if prompts}
+            if self.objectives["forget"].reference == "empty":  # ESD's unconditional branch, row for row
+                groups["empty"] = [""] * len(groups["forget"])
+            self.embeds = {name: self.encoder(prompts).to("cpu") for name, prompts in groups.items() if prompts}
 
     def on_fit_start(self) -> None:
         self.teacher.unet.to(self.device)
+        self.references["base"].to(self.device)
         self.embeds = {name: e.to(self.device) for name, e in self.embeds.items()}
         cfg = self.cfg
         batch = cfg.replay.sampling_batch
         self.sampler = TeacherSampler(self.teacher, self.scheduler_config, cfg.sampling_steps, batch)
-        sampled = {name: e for name, e in self.embeds.items() if name != "mapped"}
-        self.replay = make_replay(cfg.replay, self.sampler, sampled, cfg.seed)
+        # Teacher latents only for the groups a weighted loss reads (naive methods sample no replay).
+        needed = {g for g in ("retain", "neighbor", "forgotten") if self.weights[g]}
+        if self.weights["forget"]:
+            needed.add(self.objectives["forget"].latents)
+        sampled = {name: e for name, e in self.embeds.items() if name in needed}
+        ranks = current_ranks()  # the process group Lightning runs in (one process without one)
+        self.draw.rank, self.draw.world = ranks.rank, ranks.world
+        self.draw.local_size(cfg.batch)  # a clear error now for a batch that does not split over the ranks
+        self.replay = make_replay(cfg.replay, self.sampler, sampled, cfg.seed, self.draw)
         started = time.time()
-        if cfg.replay.mode == "bank":
+        if cfg.replay.mode == "bank" and ranks.is_main:
             print(
                 f"[step] sampling the replay bank: {cfg.replay.bank_size} teacher latents x {len(sampled)} groups "
                 f"({', '.join(sampled)}), {cfg.sampling_steps} DDIM steps",
@@ -100,22 +152,71 @@ class DistillForgetModule(L.LightningModule):
             )
         self.replay.prepare()
         self.replay_seconds = time.time() - started
+        self.prepare_regularizers()
+
+    def prepare_regularizers(self) -> None:
+        """Once per request: the selective-fine-tuning mask and the protected-embedding projection."""
+        regs = self.cfg.regularizers
+        if regs.selective.fraction and not self.weights["forget"]:
+            raise ValueError("regularizers.selective ranks elements by the forget loss's gradient: it needs lambda_f > 0")
+        if regs.selective.fraction and self.selective is None:  # None: not restored from a checkpoint
+            self.unet.zero_grad(set_to_none=True)
+            for _ in range(regs.selective.batches):  # gradient of the forget loss, accumulated
+                self.forget_loss().backward()
+            self.selective = SelectiveMask.from_gradients(self.unet, regs.selective.fraction)
+            self.unet.zero_grad(set_to_none=True)
+            kept = sum(int(m.sum()) for m in self.selective.masks.values())
+            print(f"[step] selective fine-tuning: {kept} of the trainable elements may change", flush=True)
+        if regs.projection.enabled:
+            # Protected: retained and neighbouring concepts, and those forgotten before (kept forgotten).
+            protected = [self.embeds[g] for g in ("retain", "neighbor", "forgotten") if g in self.embeds]
+            if not protected:
+                raise ValueError("regularizers.projection.enabled: the step has no retain, neighbour or forgotten prompts to protect")
+            states = torch.cat([getattr(e, "text", e) for e in protected])  # the states to_k / to_v read
+            self.projection = ProtectedProjection(self.unet, states, regs.projection.dedup_cosine)
+            if not self.projection.names:
+                raise ValueError(f"regularizers.projection.enabled, but trainable={self.cfg.trainable!r} trains no attn2.to_k / to_v weight")
+            print(f"[step] gradient projection on {len(self.projection.names)} key/value weights, "
+                  f"{self.projection.columns} protected token embeddings", flush=True)  # fmt: skip
+
+    def forget_loss(self) -> torch.Tensor:
+        """The forget objective on one micro-batch: z0 from its replay group, prompts row for row."""
+        objective = self.objectives["forget"]
+        index, z0 = self.replay.batch(objective.latents, self.draw.local_size(self.cfg.batch))
+        reference = self.embeds[objective.reference][index]
+        return objective(self.student, self.teacher, z0, self.embeds["forget"][index], reference)
 
     def losses(self) -> dict[str, torch.Tensor]:
-        """Each weighted objective on one micro-batch from the replay source."""
-        batch, losses = self.cfg.batch, {}
+        """Each weighted objective on this rank's share of one micro-batch from the replay source."""
+        batch, losses = self.draw.local_size(self.cfg.batch), {}
         if self.weights["forget"]:
-            index, z0 = self.replay.batch("forget", batch)
-            losses["forget"] = self.objectives["forget"](
-                self.student, self.teacher, z0, self.embeds["forget"][index], self.embeds["mapped"][index]
-            )
+            losses["forget"] = self.forget_loss()
         for group in ("retain", "neighbor", "forgotten"):
             if self.weights[group] and group in self.embeds:
                 index, z0 = self.replay.batch(group, batch)
                 losses[group] = self.objectives[group](self.student, self.teacher, z0, self.embeds[group][index])
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)
+        for name in ("l1sp", "l2sp"):
+            if self.weights[name]:
+                reference = self.references[self.cfg.regularizers[name].reference]
+                losses[name] = self.objectives[name](self.unet, reference)
         return losses
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Before Lightning clips the gradient norm, so the clip sees the gradient actually used.
+        if self.selective is not None:
+            self.selective.mask_gradients(self.unet)
+        if self.projection is not None:
+            self.projection.project_gradients(self.unet)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After the optimizer step: what may not change is put back exactly (AdamW's per-element
+        # scaling and weight decay move it otherwise). Mask first: the projection's guarantee wins.
+        if self.selective is not None:
+            self.selective.hold(self.unet, self.teacher.unet)
+        if self.projection is not None:
+            self.projection.project_update(self.unet, self.teacher.unet)
 
     def training_step(self, batch, batch_idx):
         losses = self.losses()
@@ -125,6 +226,17 @@ class DistillForgetModule(L.LightningModule):
         self.log("loss/total", total)
         self.last_losses = {name: float(loss) for name, loss in {**losses, "total": total}.items()}
         return total
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["global_batch"] = self.draw.state_dict()  # a resumed run draws the batches it would have
+        if self.selective is not None:  # computed on the request's starting weights: kept, not recomputed
+            checkpoint["selective_masks"] = self.selective.masks
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "global_batch" in checkpoint:
+            self.draw.load_state_dict(checkpoint["global_batch"])
+        if "selective_masks" in checkpoint:
+            self.selective = SelectiveMask(checkpoint["selective_masks"])
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]

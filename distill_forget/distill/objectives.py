@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill_forget.distill.global_batch import GlobalBatch
 from distill_forget.distill.networks import Denoiser
 
 
@@ -19,10 +20,11 @@ def distill_loss(student: Denoiser, teacher: Denoiser, x_t, t, student_embeds, t
     return F.mse_loss(student(x_t, t, student_embeds).float(), target.float())
 
 
-def noised(noise_scheduler, z0: torch.Tensor, t_high: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_noise(z0, n, t)` with fresh noise n and t ~ U{0, ..., t_high - 1}."""
-    t = torch.randint(0, t_high, (z0.shape[0],), device=z0.device)
-    return noise_scheduler.add_noise(z0, torch.randn_like(z0), t), t
+def noised(noise_scheduler, z0: torch.Tensor, t_high: int, draw: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_noise(z0, n, t)` with fresh noise n and t ~ U{0, ..., t_high - 1}, this rank's share of the global batch's."""
+    t = draw.randint(t_high, z0.shape[0], z0.device)
+    noise = draw.randn(z0.shape[0], z0.shape[1:], z0.device).to(z0.dtype)
+    return noise_scheduler.add_noise(z0, noise, t), t
 
 
 class ForgetMapping(nn.Module):
@@ -32,24 +34,26 @@ class ForgetMapping(nn.Module):
     with the concept replaced; `t ~ U[0, t_max]` (published: t_max 600-700 of 1000).
     """
 
-    def __init__(self, noise_scheduler, t_max: int):
+    latents, reference = "forget", "mapped"  # the replay group of z0; the teacher's prompt group
+
+    def __init__(self, noise_scheduler, t_max: int, draw: GlobalBatch):
         super().__init__()
-        self.noise_scheduler, self.t_max = noise_scheduler, t_max
+        self.noise_scheduler, self.t_max, self.draw = noise_scheduler, t_max, draw
 
     def forward(self, student, teacher, z0, forget_embeds, mapped_embeds) -> torch.Tensor:
-        x_t, t = noised(self.noise_scheduler, z0, self.t_max + 1)
+        x_t, t = noised(self.noise_scheduler, z0, self.t_max + 1, self.draw)
         return distill_loss(student, teacher, x_t, t, forget_embeds, mapped_embeds)
 
 
 class RetainReplay(nn.Module):
     """L_retain: the student copies the teacher on teacher latents of prompts that must survive."""
 
-    def __init__(self, noise_scheduler):
+    def __init__(self, noise_scheduler, draw: GlobalBatch):
         super().__init__()
-        self.noise_scheduler = noise_scheduler
+        self.noise_scheduler, self.draw = noise_scheduler, draw
 
     def forward(self, student, teacher, z0, embeds) -> torch.Tensor:
-        x_t, t = noised(self.noise_scheduler, z0, self.noise_scheduler.config.num_train_timesteps)
+        x_t, t = noised(self.noise_scheduler, z0, self.noise_scheduler.config.num_train_timesteps, self.draw)
         return distill_loss(student, teacher, x_t, t, embeds, embeds)
 
 
@@ -82,3 +86,78 @@ class ParameterAnchor(nn.Module):
         if not terms:
             raise ValueError("ParameterAnchor: the student has no trainable parameters")
         return torch.stack(terms).sum()
+
+
+# ---------------------------------------------------------------- baseline forget objectives
+# Alternatives to ForgetMapping (config `forget_objective`), called the same way:
+# `objective(student, teacher, z0, forget_embeds, reference_embeds)`, z0 from the replay group
+# `latents`, reference_embeds from the prompt group `reference`, row for row.
+
+
+class ESD(nn.Module):
+    """Erased Stable Diffusion, the teacher being ESD's frozen copy F:
+
+    `target = eps(F, x_t, t, "") - eta (eps(F, x_t, t, c) - eps(F, x_t, t, ""))` (negative
+    guidance away from the concept), `L = || eps(S, x_t, t, c) - sg target ||^2`. `x_t`: the
+    teacher's own latents for the forget prompts noised to t ~ U[0, T), in place of ESD's
+    partial sampling trajectories.
+    """
+
+    latents, reference = "forget", "empty"
+
+    def __init__(self, noise_scheduler, eta: float, draw: GlobalBatch):
+        super().__init__()
+        self.noise_scheduler, self.eta, self.draw = noise_scheduler, eta, draw
+
+    def forward(self, student, teacher, z0, forget_embeds, empty_embeds) -> torch.Tensor:
+        x_t, t = noised(self.noise_scheduler, z0, self.noise_scheduler.config.num_train_timesteps, self.draw)
+        with torch.no_grad():
+            unconditional = teacher(x_t, t, empty_embeds).float()
+            conditional = teacher(x_t, t, forget_embeds).float()
+            target = unconditional - self.eta * (conditional - unconditional)
+        return F.mse_loss(student(x_t, t, forget_embeds).float(), target)
+
+
+class ConceptAblation(nn.Module):
+    """Model-based concept ablation: the concept's prompt predicts what its anchor prompt does.
+
+    `L = || eps(S, x_t, t, p_f) - sg eps(T, x_t, t, p_a) ||^2` on the teacher's latents of the
+    ANCHOR prompts `p_a` (the mapped prompts: the forget prompt with the concept replaced by
+    its target), t ~ U[0, T). The frozen teacher gives the anchor's prediction, so it does not
+    drift while the student trains.
+    """
+
+    latents, reference = "mapped", "mapped"
+
+    def __init__(self, noise_scheduler, draw: GlobalBatch):
+        super().__init__()
+        self.noise_scheduler, self.draw = noise_scheduler, draw
+
+    def forward(self, student, teacher, z0, forget_embeds, anchor_embeds) -> torch.Tensor:
+        x_t, t = noised(self.noise_scheduler, z0, self.noise_scheduler.config.num_train_timesteps, self.draw)
+        return distill_loss(student, teacher, x_t, t, forget_embeds, anchor_embeds)
+
+
+# ---------------------------------------------------------------- add-on regularisers
+
+
+class StartingPointPenalty(nn.Module):
+    """L1-SP (p=1): `mean |theta - theta_ref|`; L2-SP (p=2): `mean (theta - theta_ref)^2`.
+
+    A mean over every trainable element (ParameterAnchor is a sum); `theta_ref` is the previous
+    model or the base model (config `regularizers.l1sp.reference` / `l2sp.reference`).
+    """
+
+    def __init__(self, p: int):
+        super().__init__()
+        if p not in (1, 2):
+            raise ValueError(f"StartingPointPenalty: p must be 1 or 2 (got {p})")
+        self.p = p
+
+    def forward(self, student: nn.Module, reference: nn.Module) -> torch.Tensor:
+        ref = dict(reference.named_parameters())
+        trainable = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("StartingPointPenalty: the student has no trainable parameters")
+        total = sum((p.float() - ref[name].float()).abs().pow(self.p).sum() for name, p in trainable)
+        return total / sum(p.numel() for _, p in trainable)

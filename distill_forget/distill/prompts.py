@@ -9,9 +9,12 @@ never saw.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
+from distill_forget.config import CONCEPT_BANK
 from distill_forget.requests import concept_pattern
 from distill_forget.world import concepts
 
@@ -40,6 +43,17 @@ def replace_concept(prompt: str, concept: str, replacement: str) -> str:
 
 
 # ---------------------------------------------------------------- MiniCanvas
+
+
+def bank_concepts(path, kind: str) -> list[str]:
+    """Candidate neighbours of a `kind` for real models: a YAML file {kind: [names]} (default: the shipped bank)."""
+    path = Path(path) if path else CONCEPT_BANK
+    if not path.is_file():
+        raise FileNotFoundError(f"neighbors.pool: concept bank {path} not found")
+    bank = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(bank, dict) or not all(isinstance(v, list) for v in bank.values()):
+        raise ValueError(f"concept bank {path} must map each kind to a list of names")
+    return [str(name) for name in bank.get(kind, [])]
 
 
 def world_concepts(kind: str) -> list[str]:

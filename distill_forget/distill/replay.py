@@ -11,9 +11,11 @@ module does not care which it gets (config `replay.mode`):
 """
 
 import torch
+import torch.distributed as dist
 from diffusers import DDIMScheduler
 
-from distill_forget.distill.networks import Denoiser
+from distill_forget.distill.global_batch import GlobalBatch
+from distill_forget.distill.networks import Condition, Denoiser
 
 
 class TeacherSampler:
@@ -24,67 +26,87 @@ class TeacherSampler:
         self.scheduler = DDIMScheduler.from_config(scheduler_config)
         self.evaluations = 0  # the share of the teacher's evaluations spent on sampling
 
+    def sample(self, condition: Condition, generator: torch.Generator) -> torch.Tensor:
+        """One z0 per row of `condition`; the starting noise comes from `generator` (CPU)."""
+        return self.denoise(condition, torch.randn((len(condition), *self.teacher.latent_shape), generator=generator))
+
     @torch.no_grad()
-    def sample(self, text_embeds: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One z0 per row of `text_embeds`; the starting noise comes from `generator` (CPU)."""
-        device = text_embeds.device
-        shape = (text_embeds.shape[0], *self.teacher.latent_shape)
-        latents = torch.randn(shape, generator=generator).to(device) * self.scheduler.init_noise_sigma
+    def denoise(self, condition: Condition, noise: torch.Tensor) -> torch.Tensor:
+        """One z0 per row of `condition`, from the given starting noise (one row each)."""
+        device = condition.device
+        latents = noise.to(device) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(self.steps, device=device)
         out = []
-        for start in range(0, shape[0], self.chunk):
+        for start in range(0, len(latents), self.chunk):
             x = latents[start : start + self.chunk]
-            embeds = text_embeds[start : start + self.chunk]
+            embeds = condition[start : start + self.chunk]
             for t in self.scheduler.timesteps:
                 eps = self.teacher(self.scheduler.scale_model_input(x, t), t.expand(x.shape[0]), embeds)
                 x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
             self.evaluations += x.shape[0] * len(self.scheduler.timesteps)
             out.append(x.float())
-        return torch.cat(out)
+        return torch.cat(out) if out else latents.float()  # a rank's share may be empty
 
 
 class ReplayBank:
-    """`size` teacher latents per prompt group, sampled once and reused every optimizer step."""
+    """`size` teacher latents per prompt group, sampled once and reused every optimizer step.
 
-    def __init__(self, sampler: TeacherSampler, embeds: dict[str, torch.Tensor], size: int, seed: int):
-        self.sampler, self.embeds, self.size = sampler, embeds, size
-        self.generator = torch.Generator().manual_seed(seed)
+    With several processes each samples its share of the bank and the shares are gathered, so
+    every rank holds the same whole bank (the single-process one) for the cost of 1 / N of it.
+    """
+
+    def __init__(self, sampler: TeacherSampler, embeds: dict[str, Condition], size: int, seed: int, draw: GlobalBatch):
+        self.sampler, self.embeds, self.size, self.draw = sampler, embeds, size, draw
+        self.generator = torch.Generator().manual_seed(seed)  # the bank's own stream: the same bank after a resume
         self.prompt_index: dict[str, torch.Tensor] = {}
         self.latents: dict[str, torch.Tensor] = {}
 
     def prepare(self) -> None:
+        mine = self.draw.share(self.size)
+        rows = slice(mine.start, mine.stop)
         for group, embeds in self.embeds.items():
             # Every prompt of the group gets a turn before any gets a second one.
             order = torch.randperm(len(embeds), generator=self.generator)
             index = order.repeat(-(-self.size // len(embeds)))[: self.size].to(embeds.device)
+            noise = torch.randn((self.size, *self.sampler.teacher.latent_shape), generator=self.generator)
             self.prompt_index[group] = index
-            self.latents[group] = self.sampler.sample(embeds[index], self.generator)
+            self.latents[group] = self._gather(self.sampler.denoise(embeds[index[rows]], noise[rows]))
+
+    def _gather(self, share: torch.Tensor) -> torch.Tensor:
+        """Every rank's share, in rank order (padded to one size for all_gather, then trimmed)."""
+        if self.draw.world == 1:
+            return share
+        per = -(-self.size // self.draw.world)
+        padded = torch.zeros((per, *share.shape[1:]), dtype=share.dtype, device=share.device)
+        padded[: len(share)] = share
+        shares = [torch.empty_like(padded) for _ in range(self.draw.world)]
+        dist.all_gather(shares, padded)
+        return torch.cat(shares)[: self.size]
 
     def batch(self, group: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pick = torch.randint(0, self.size, (n,), generator=self.generator).to(self.latents[group].device)
+        pick = self.draw.randint(self.size, n, self.latents[group].device)
         return self.prompt_index[group][pick], self.latents[group][pick]
 
 
 class PerStepReplay:
     """The published protocol: fresh teacher samples for every micro-batch."""
 
-    def __init__(self, sampler: TeacherSampler, embeds: dict[str, torch.Tensor], seed: int):
-        self.sampler, self.embeds = sampler, embeds
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, sampler: TeacherSampler, embeds: dict[str, Condition], draw: GlobalBatch):
+        self.sampler, self.embeds, self.draw = sampler, embeds, draw
 
     def prepare(self) -> None:
         pass
 
     def batch(self, group: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.embeds[group]
-        index = torch.randint(0, len(embeds), (n,), generator=self.generator).to(embeds.device)
-        return index, self.sampler.sample(embeds[index], self.generator)
+        index = self.draw.randint(len(embeds), n, embeds.device)
+        return index, self.sampler.denoise(embeds[index], self.draw.randn(n, self.sampler.teacher.latent_shape))
 
 
-def make_replay(replay_cfg, sampler: TeacherSampler, embeds: dict[str, torch.Tensor], seed: int):
-    """The replay source named by `replay.mode` (bank | per_step)."""
+def make_replay(replay_cfg, sampler: TeacherSampler, embeds: dict[str, Condition], seed: int, draw: GlobalBatch):
+    """The replay source named by `replay.mode` (bank | per_step); `draw` picks every micro-batch."""
     if replay_cfg.mode == "bank":
-        return ReplayBank(sampler, embeds, replay_cfg.bank_size, seed)
+        return ReplayBank(sampler, embeds, replay_cfg.bank_size, seed, draw)
     if replay_cfg.mode == "per_step":
-        return PerStepReplay(sampler, embeds, seed)
+        return PerStepReplay(sampler, embeds, draw)
     raise ValueError(f"replay.mode must be 'bank' or 'per_step' (got {replay_cfg.mode!r})")

@@ -15,16 +15,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import PlainProgress
 from distill_forget.distill.module import DistillForgetModule
-from distill_forget.distill.networks import Denoiser, PromptEncoder
+from distill_forget.distributed import cluster_environment, current_ranks, node_count, processes_per_node
+from distill_forget.distill.networks import Denoiser, PromptEncoder, prompt_encoder
 from distill_forget.distill.prompts import (
     PromptGroups,
+    bank_concepts,
     concept_prompt,
     in_context,
     other_kind,
@@ -56,7 +60,8 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
         pool = {c: concept_prompt(c, request.kind) for c in world_concepts(request.kind) if c not in gone}
         concept_text = concept_prompt(request.concept, request.kind)
     else:
-        pool, concept_text = {}, request.concept
+        pool = {c: c for c in bank_concepts(cfg.neighbors.pool, request.kind) if c not in gone}
+        concept_text = request.concept
     neighbors, neighbor_record = choose_neighbors(
         cfg.neighbors.mode, concept_text, pool, cfg.neighbors.top_k, request.neighbors, distances, encoder
     )
@@ -112,25 +117,59 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
     return groups, record
 
 
+def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encoder: PromptEncoder):
+    """The simultaneous setting: every concept of `requests` forgotten in one step.
+
+    Each concept is planned as a request with all the others forgotten; their forget, mapped
+    and neighbour prompts are pooled; nothing is replayed as "forgotten before".
+    """
+    plans = [plan_prompts(r, [o for o in requests if o is not r], cfg, distances, encoder) for r in requests]
+    pooled = lambda name: [p for g, _ in plans for p in getattr(g, name)]  # noqa: E731
+    last_groups, record = plans[-1]
+    groups = PromptGroups(pooled("forget"), pooled("mapped"), last_groups.retain, list(dict.fromkeys(pooled("neighbor"))), [])
+    replayed = sorted({c for _, r in plans for c in r["replayed_concepts"]})
+    record = {
+        **record,
+        "replayed_concepts": replayed,
+        "held_out_concepts": [c for c in record["held_out_concepts"] if c not in replayed],
+        "forgotten_before": [],
+        "forgotten_together": [{"concept": r.concept, "targets": p["targets"]["counts"], "neighbors": p["neighbors"]["chosen"]}
+                               for r, (_, p) in zip(requests, plans)],  # fmt: skip
+        "prompt_counts": {name: len(p) for name, p in groups.as_dict().items()},
+    }
+    return groups, record
+
+
 def build_module(
-    teacher_dir, request: Request, cfg: DictConfig, forgotten_before=()
+    teacher_dir, request: Request, cfg: DictConfig, forgotten_before=(), base_dir=None, forget_together=()
 ) -> tuple[DistillForgetModule, dict]:
-    """The Lightning module of one request, and the record of its planning."""
+    """The Lightning module of one request, and the record of its planning.
+
+    `base_dir`: the base model M_0, for regularisers referenced to it. `forget_together`:
+    earlier requests forgotten in this same step with `request` (the simultaneous setting; the
+    step then runs `steps` optimizer steps per concept).
+    """
     started = time.time()
     cfg = merge_overrides(cfg, request)
-    forgotten = [as_request(f, cfg.world) for f in forgotten_before]
+    if forget_together:
+        cfg = OmegaConf.merge(cfg, {"steps": cfg.steps * (len(forget_together) + 1)})
+    forgotten = [as_request(f, cfg.world) for f in (*forget_together, *forgotten_before)]
     if cfg.world == "minicanvas":
         check_minicanvas([request, *forgotten])
     device = pick_device("cpu" if cfg.accelerator == "cpu" else "auto")
     pipe = load_pipeline(teacher_dir)
     student_unet = copy.deepcopy(pipe.unet)
     teacher = Denoiser(pipe.unet.requires_grad_(False).eval().to(device))
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder.to(device))
+    encoder = prompt_encoder(pipe, device)  # one text encoder (SD v1/v2) or two (SDXL)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     probe = ScoreProbe(teacher.latent_shape, cfg.score.latents, cfg.seed, noise_scheduler, device)
     modes = f"neighbours by {cfg.neighbors.mode}, targets by {cfg.target.mode}"
     print(f"[step] {request.concept!r}: planning the prompts ({modes})", flush=True)
-    groups, plan = plan_prompts(request, forgotten, cfg, ScoreDistances(teacher, encoder, probe), encoder)
+    distances = ScoreDistances(teacher, encoder, probe)
+    if forget_together:
+        groups, plan = plan_together([*forgotten[: len(forget_together)], request], cfg, distances, encoder)
+    else:
+        groups, plan = plan_prompts(request, forgotten, cfg, distances, encoder)
     plan["teacher_evaluations_planning"] = teacher.evaluations
     plan["seconds_planning"] = round(time.time() - started, 2)
     print(
@@ -138,33 +177,104 @@ def build_module(
         f"prompts {plan['prompt_counts']}",
         flush=True,
     )
-    return DistillForgetModule(student_unet, teacher, encoder, groups, cfg, pipe.scheduler.config), plan
+    regs = cfg.regularizers
+    base_unet = None
+    if base_dir is not None and "base" in (regs.l1sp.reference, regs.l2sp.reference):
+        if Path(base_dir).resolve() != Path(teacher_dir).resolve():  # else the teacher is the base
+            base_unet = load_pipeline(base_dir).unet.requires_grad_(False).eval()
+    return DistillForgetModule(student_unet, teacher, encoder, groups, cfg, pipe.scheduler.config, base_unet), plan
 
 
-def make_trainer(cfg: DictConfig, name: str = "step", checkpoint_dir=None) -> L.Trainer:
-    """A Trainer for one request; with `checkpoint_dir`, it keeps `last.ckpt` there to resume from."""
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def processes(cfg: DictConfig) -> tuple[int, int]:
+    """(processes per node, nodes) from `devices` / `num_nodes`; `auto` takes the launcher's."""
+    devices = processes_per_node() if cfg.devices == "auto" else int(cfg.devices)
+    nodes = node_count() if cfg.num_nodes == "auto" else int(cfg.num_nodes)
+    if devices * nodes > 1 and cluster_environment() is None:
+        raise ValueError(
+            f"devices={devices} x num_nodes={nodes} processes must be started by a launcher: "
+            f"torchrun --nproc_per_node {devices} -m distill_forget.train ..., or srun (launch/). "
+            "Lightning's own launcher would re-run the whole loop in every process"
+        )
+    return devices, nodes
+
+
+def make_strategy(cfg: DictConfig, on_gpu: bool, world: int):
+    """Lightning's strategy for `strategy` (auto | ddp | fsdp)."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)} (got {cfg.strategy!r})")
+    backend = "nccl" if on_gpu else "gloo"
+    if cfg.strategy == "ddp" or (cfg.strategy == "auto" and world > 1):
+        # Only the student is wrapped: the frozen teacher is a plain attribute, outside the reducer.
+        return DDPStrategy(process_group_backend=backend)
+    if cfg.strategy == "fsdp":
+        # One FSDP unit over the student: gradients and AdamW states are sharded (most of the
+        # memory of a full SDXL UNet); the parameters are gathered whole for each step, since
+        # the student is called several times per step and the parameter anchor reads them all.
+        return FSDPStrategy(process_group_backend=backend, use_orig_params=True, state_dict_type="full")
+    return "auto"
+
+
+def make_trainer(cfg: DictConfig, name: str = "step", checkpoint_dir=None, logger=None) -> L.Trainer:
+    """A Trainer for one request; with `checkpoint_dir`, it keeps `last.ckpt` there to resume from.
+
+    `logger` (e.g. the sequence's WandbLogger) gets every loss and the learning rate per step.
+    Under SLURM, Lightning's auto-requeue is on: on the requeue signal (`--signal=SIGUSR1@90`)
+    it saves `hpc_ckpt_<n>.ckpt` into `checkpoint_dir` and requeues the job.
+    """
     on_gpu = cfg.accelerator != "cpu" and torch.cuda.is_available()
+    devices, nodes = processes(cfg)
     callbacks = [PlainProgress(name)]
     if checkpoint_dir is not None:
         callbacks.append(
             ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=0)
         )
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    plugins = [SLURMEnvironment(auto_requeue=True)] if isinstance(cluster_environment(), SLURMEnvironment) else None
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the batches come from the replay source
     return L.Trainer(
         max_steps=cfg.steps,
         accumulate_grad_batches=cfg.accumulate,
         accelerator="gpu" if on_gpu else "cpu",
-        devices=1,
+        devices=devices,
+        num_nodes=nodes,
+        strategy=make_strategy(cfg, on_gpu, devices * nodes),
+        plugins=plugins,
+        use_distributed_sampler=False,  # every rank walks all micro-batch indices; GlobalBatch slices the samples
         precision=cfg.precision or ("bf16-mixed" if on_gpu else "32-true"),
         gradient_clip_val=cfg.grad_clip,
         gradient_clip_algorithm="norm",
-        logger=False,
+        logger=logger if logger is not None else False,
+        default_root_dir=checkpoint_dir,
         enable_checkpointing=checkpoint_dir is not None,
         callbacks=callbacks,
         enable_model_summary=False,
         enable_progress_bar=False,  # PlainProgress: lines that read well in log files
         log_every_n_steps=1,
     )
+
+
+def latest_checkpoint(checkpoint_dir) -> Path | None:
+    """The newest of `last.ckpt` and the `hpc_ckpt_<n>.ckpt` Lightning saves on a SLURM requeue signal."""
+    if checkpoint_dir is None:
+        return None
+    found = [p for p in Path(checkpoint_dir).glob("*.ckpt") if p.name == "last.ckpt" or p.name.startswith("hpc_ckpt_")]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def student_unet(trainer: L.Trainer, module: DistillForgetModule):
+    """The trained student UNet, whole (on rank 0): under FSDP its parameters are gathered first."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return module.unet
+    state = trainer.strategy.lightning_module_state_dict()  # collective: every rank calls it
+    if not trainer.is_global_zero:
+        return None
+    unet = copy.deepcopy(module.teacher.unet)  # the architecture; every weight is then replaced
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
+    return unet
 
 
 def step_indices(cfg: DictConfig) -> DataLoader:
@@ -200,13 +310,18 @@ def run_step(
     out_dir,
     forgotten_before=(),
     checkpoint_dir=None,
+    logger=None,
+    base_dir=None,
+    forget_together=(),
 ) -> dict:
     """Forget `request.concept` from the teacher folder's model; the student goes to `out_dir`.
 
     `forgotten_before`: concepts (names or Requests) forgotten by earlier requests, replayed
     through the teacher so they stay forgotten. Returns the step's record (also saved as
     `out_dir/distill_step.json`). With `checkpoint_dir`, Lightning checkpoints are kept there
-    and a `last.ckpt` left by a killed run is resumed from.
+    and the newest one left by a killed or requeued run is resumed from. With several
+    processes every rank calls this; rank 0 writes the student, the others wait for it.
+    `base_dir` and `forget_together`: see `build_module`.
     """
     started = time.time()
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
@@ -215,14 +330,12 @@ def run_step(
     L.seed_everything(cfg.seed, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    module, plan = build_module(teacher_dir, request, cfg, forgotten_before)
+    module, plan = build_module(teacher_dir, request, cfg, forgotten_before, base_dir, forget_together)
     cfg = module.cfg  # with the request's overrides
-    trainer = make_trainer(cfg, f"step {request.concept!r}", checkpoint_dir)
-    resume = Path(checkpoint_dir) / "last.ckpt" if checkpoint_dir is not None else None
-    if resume is not None and resume.exists():
+    trainer = make_trainer(cfg, f"step {request.concept!r}", checkpoint_dir, logger)
+    resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None and trainer.is_global_zero:
         print(f"[step] resuming {request.concept!r} from {resume}", flush=True)
-    else:
-        resume = None
     fit_started = time.time()
     try:
         trainer.fit(module, train_dataloaders=step_indices(cfg), ckpt_path=resume)
@@ -233,6 +346,9 @@ def run_step(
     fit_seconds = time.time() - fit_started
     planning_seconds = plan.pop("seconds_planning")
     planning_evaluations = plan.pop("teacher_evaluations_planning")
+    ranks = current_ranks()
+    per_rank = ranks.gather([module.teacher.evaluations, module.sampler.evaluations, module.student.evaluations])
+    teacher_evaluations, sampling_evaluations, student_evaluations = [sum(c) for c in zip(*per_rank)] if per_rank else [0] * 3
     record = {
         "request": request.to_dict(),
         "teacher": str(teacher_dir),
@@ -241,11 +357,11 @@ def run_step(
         "steps": trainer.global_step,
         "resumed_from": str(resume) if resume else None,
         "final_losses": module.last_losses,
-        "evaluations": {  # samples through each network (a batch of 8 counts 8)
-            "teacher": module.teacher.evaluations,
-            "teacher_planning": planning_evaluations,
-            "teacher_sampling": module.sampler.evaluations,
-            "student": module.student.evaluations,
+        "evaluations": {  # samples through each network (a batch of 8 counts 8), summed over ranks
+            "teacher": teacher_evaluations,
+            "teacher_planning": planning_evaluations,  # every rank plans alike: one rank's count
+            "teacher_sampling": sampling_evaluations,
+            "student": student_evaluations,
         },
         "seconds": {
             "planning": planning_seconds,
@@ -256,7 +372,10 @@ def run_step(
         "peak_memory_mb": peak_memory_mb(),
         "settings": OmegaConf.to_container(cfg, resolve=True),
     }
-    save_student(module.unet, teacher_dir, out_dir, record)
-    seconds = record["seconds"]["total"]
-    print(f"[step] {request.concept!r} forgotten in {seconds:.0f} s; student pipeline in {out_dir}", flush=True)
+    unet = student_unet(trainer, module)
+    if ranks.is_main:
+        save_student(unet, teacher_dir, out_dir, record)
+        seconds = record["seconds"]["total"]
+        print(f"[step] {request.concept!r} forgotten in {seconds:.0f} s; student pipeline in {out_dir}", flush=True)
+    ranks.barrier()  # the other ranks read the student folder only once it is whole
     return record

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill_forget.distill.networks import Denoiser, PromptEncoder
+from distill_forget.distill.networks import Condition, Denoiser, PromptEncoder
 from distill_forget.distill.prompts import replace_concept
 from distill_forget.world.model import training_scheduler
 
@@ -30,16 +30,16 @@ class ScoreProbe:
         self.t = t.to(device)
 
     @torch.no_grad()
-    def outputs(self, denoiser: Denoiser, text_embeds: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    def outputs(self, denoiser: Denoiser, condition: Condition, chunk: int = 128) -> torch.Tensor:
         """(N, K, C, H, W): the network's output for each prompt at each probe latent."""
         k = len(self.t)
         per_call = max(1, chunk // k)  # prompts per network call
         out = []
-        for start in range(0, len(text_embeds), per_call):
-            embeds = text_embeds[start : start + per_call]
+        for start in range(0, len(condition), per_call):
+            embeds = condition[start : start + per_call]
             n = len(embeds)
             x_t, t = self.x_t.repeat(n, 1, 1, 1), self.t.repeat(n)
-            out.append(denoiser(x_t, t, embeds.repeat_interleave(k, dim=0)).float().unflatten(0, (n, k)))
+            out.append(denoiser(x_t, t, embeds.repeat_interleave(k)).float().unflatten(0, (n, k)))
         return torch.cat(out)
 
 
@@ -48,17 +48,17 @@ def distance(outputs_a: torch.Tensor, outputs_b: torch.Tensor) -> torch.Tensor:
     return (outputs_a - outputs_b).pow(2).flatten(2).sum(-1).mean(-1)
 
 
-def score_distance(unet, text_embeds_a, text_embeds_b, num_latents: int = 16, seed: int = 0, noise_scheduler=None):
-    """d(a, b) for text conditions of shape (tokens, width) -> scalar, or (N, tokens, width) -> (N,).
+def score_distance(unet, condition_a: Condition, condition_b: Condition, num_latents=16, seed=0, noise_scheduler=None):
+    """d(a, b) for one prompt's condition each (`encoder(prompts)[i]`) -> scalar, or N each -> (N,).
 
     `noise_scheduler` gives the forward process; by default Stable Diffusion's (MiniCanvas's).
     """
     denoiser = unet if isinstance(unet, Denoiser) else Denoiser(unet)
     noise_scheduler = noise_scheduler or training_scheduler()
-    device = text_embeds_a.device
+    device = condition_a.device
     probe = ScoreProbe(denoiser.latent_shape, num_latents, seed, noise_scheduler, device)
-    single = text_embeds_a.dim() == 2
-    a, b = (e.unsqueeze(0) if single else e for e in (text_embeds_a, text_embeds_b))
+    single = condition_a.text.dim() == 2  # one prompt: (tokens, width)
+    a, b = (c[None] if single else c for c in (condition_a, condition_b))
     d = distance(probe.outputs(denoiser, a), probe.outputs(denoiser, b))
     return d[0] if single else d
 
@@ -124,7 +124,8 @@ def choose_neighbors(
 
     request: exactly those the request lists. score / text: the request's list if it has one,
     else the `top_k` concepts of `pool` (name -> prompt) closest to `concept_text`, by score
-    distance or by cosine similarity of pooled text embeddings (the cheaper signal).
+    distance or by cosine similarity of pooled text embeddings (the cheaper signal; SDXL: those
+    of its second text encoder, the only pooled embedding it has).
     """
     if mode not in NEIGHBOR_MODES:
         raise ValueError(f"neighbors.mode must be one of {NEIGHBOR_MODES} (got {mode!r})")
@@ -136,7 +137,7 @@ def choose_neighbors(
         order = d.argsort().tolist()
         ranking = {"distance": {names[i]: round(float(d[i]), 6) for i in order}}
     else:
-        pooled = encoder.pooled([concept_text, *prompts]).float()
+        pooled = encoder([concept_text, *prompts]).pooled.float()
         cosine = F.cosine_similarity(pooled[1:], pooled[:1])
         order = cosine.argsort(descending=True).tolist()
         ranking = {"cosine": {names[i]: round(float(cosine[i]), 6) for i in order}}

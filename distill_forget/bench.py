@@ -1,0 +1,198 @@
+"""Unlearning methods compared on one request sequence.
+
+    python -m distill_forget.bench [config=bench-quick] [methods=[distill,esd-x]] [out=DIR] [KEY=VALUE ...]
+
+Each method is a named file of settings, `configs/methods/<name>.yaml` (step settings under
+`step:`, the loop's `setting:` and `merge:`). Every method runs the loop `python -m distill_forget.train`
+over the same requests in its own run folder `OUT/<method>/`, evaluated after every request
+with the same prompts, seeds and judge (methods may not change the evaluation; the starting
+model is evaluated once and shared). Arguments that are not bench settings (`step.steps=50`,
+`evaluate.seeds=[0]`, ...) go to every method's loop, after the bench config's `train`
+arguments and the method's own settings. Writes OUT/bench.json, OUT/bench.md and OUT/bench.png: final
+values and per-request curves of UA / IRA / CRA / NRA / quality / cumulative cost. Rerunning
+the same command reuses finished requests (the loop skips them, weights verified).
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from distill_forget import train
+from distill_forget.config import CONFIG_DIR, load_config, read_config
+from distill_forget.report import MAIN_METRICS, RETENTION, TITLES, _is_number, _request_axis, _save_png
+from distill_forget.storage import atomic_file, write_json
+
+METHODS_DIR = CONFIG_DIR / "methods"
+METHOD_KEYS = ("description", "step", "setting", "merge")  # what a method file may set; never the evaluation
+BASE_FILES = ("metrics.json", "images.pt", "grid.png")
+
+
+def flatten(mapping, prefix: str = "") -> list[str]:
+    """A nested mapping as `key=value` arguments whose values parse back to the same YAML values."""
+    args = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            args += flatten(value, f"{prefix}{key}.")
+        else:
+            args.append(f"{prefix}{key}={json.dumps(value)}")
+    return args
+
+
+def load_method(name: str) -> tuple[str, list[str]]:
+    """(description, train arguments) of `configs/methods/<name>.yaml`."""
+    path = METHODS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in METHODS_DIR.glob("*.yaml"))
+        raise SystemExit(f"method {name!r}: no file {path} (methods: {', '.join(known)})")
+    data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    bad = [key for key in data if key not in METHOD_KEYS]
+    if bad:
+        raise SystemExit(
+            f"{path}: {bad} cannot be set by a method (allowed: {', '.join(METHOD_KEYS)}); "
+            "every method is evaluated with the same requests, model, judge and evaluation settings"
+        )
+    description = data.pop("description", name)
+    return description, flatten(data)
+
+
+def split_arguments(argv: list[str], bench_keys) -> tuple[list[str], list[str]]:
+    """(bench arguments, arguments for every method's loop): a key is the bench's if its first part is."""
+    ours = [a for a in argv if a.split("=", 1)[0].split(".")[0] in bench_keys or a in ("-h", "--help")]
+    return ours, [a for a in argv if a not in ours]
+
+
+def share_base(first_run: Path, run_dir: Path) -> None:
+    """The starting model's evaluation, done once for all methods (same model, judge, settings)."""
+    if train.load_base(run_dir) is None and train.load_base(first_run) is not None:
+        (run_dir / "base").mkdir(parents=True, exist_ok=True)
+        for name in BASE_FILES:
+            with atomic_file(run_dir / "base" / name) as tmp:
+                shutil.copyfile(first_run / "base" / name, tmp)
+
+
+def method_summary(name: str, description: str, run_dir: Path, args: list[str]) -> dict:
+    report = json.loads((run_dir / "report.json").read_text())
+    steps = [
+        {
+            "index": s["index"],
+            "concept": s["concept"],
+            "setting": s.get("setting", "sequential"),
+            "metrics": {k: s["metrics"].get(k) for k in MAIN_METRICS},
+            "relative_to_base": {f"{k}_rel": s["relative_to_base"].get(f"{k}_rel") for k in RETENTION},
+            "seconds": s["seconds"],
+            "cumulative_seconds": s["cumulative_seconds"],
+        }
+        for s in report["steps"]
+    ]
+    base = {k: report["base"]["metrics"].get(k) for k in MAIN_METRICS}
+    return {"description": description, "run_dir": str(run_dir), "arguments": args, "base": base, "steps": steps}
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # config=bench-quick merges configs/bench-quick.yaml over configs/bench.yaml (config.load_config)
+    ours, forwarded = split_arguments(argv, {"config", *read_config("bench").keys()})
+    cfg = load_config("bench", ours, __doc__)
+    common = [f"requests={cfg.requests}", f"threads={cfg.threads}"]
+    common += [f"{key}={value}" for key, value in (("model", cfg.model), ("judge", cfg.judge)) if value]
+    common += list(cfg.train)
+    out = Path(cfg.out)
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise SystemExit(f"methods lists a method twice: {list(cfg.methods)}")
+    methods = {m: load_method(m) for m in cfg.methods}  # every method file checked before any work,
+    arguments = {m: [*common, *method_args, *forwarded, f"run_dir={out / m}"] for m, (_, method_args) in methods.items()}
+    for args in arguments.values():  # and every setting, by the loop's own config checks
+        loop_cfg = load_config("train", args, sections=("step", "evaluate"))
+        train.check_loop_settings(loop_cfg)
+        if not loop_cfg.evaluate_every_step:
+            raise SystemExit("the bench compares evaluations after every request: evaluate_every_step must stay true")
+
+    print(f"bench {out}: {len(methods)} methods on {cfg.requests}", flush=True)
+    summaries, first_run = {}, None
+    for number, (method, (description, _)) in enumerate(methods.items(), start=1):
+        run_dir, args = out / method, arguments[method]
+        print(f"\n[bench {number}/{len(methods)}] {method}: {description}", flush=True)
+        if first_run is not None:
+            share_base(first_run, run_dir)
+        train.main(args)
+        first_run = first_run or run_dir
+        summaries[method] = method_summary(method, description, run_dir, args)
+        write_bench(out, cfg.requests, summaries)  # after each method: partial results are readable
+    print(f"\nbench done: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+
+
+# ---------------------------------------------------------------- results
+
+
+def write_bench(out: Path, requests: str, summaries: dict) -> None:
+    bench = {"requests": requests, "methods": summaries}
+    write_json(out / "bench.json", bench)
+    with atomic_file(out / "bench.md") as tmp:
+        tmp.write_text(format_markdown(bench))
+    plot_bench(bench, out / "bench.png")
+
+
+def _cell(value, key: str = "") -> str:
+    if not _is_number(value):
+        return "-"
+    return format(value, ".3g" if key == "quality" else ".1f")
+
+
+def format_markdown(bench: dict) -> str:
+    methods = bench["methods"]
+    header = ["method", "setting", "UA", "IRA", "CRA", "NRA", "quality", "IRA / CRA / NRA vs base %", "cumulative s"]
+    lines = [
+        "# Unlearning methods compared",
+        "",
+        f"Requests: `{bench['requests']}`. Metrics in % after the last request (quality: Frechet distance,"
+        " lower is better); `-` is not measured. Per-request curves below and in `bench.png`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, m in methods.items():
+        if not m["steps"]:
+            continue
+        last = m["steps"][-1]
+        rel = " / ".join(_cell(last["relative_to_base"].get(f"{k}_rel")) for k in RETENTION)
+        cells = [_cell(last["metrics"][k], k) for k in MAIN_METRICS]
+        lines.append(f"| {name} | {last['setting']} | " + " | ".join(cells) + f" | {rel} | {last['cumulative_seconds']:.0f} |")
+    lines += ["", "Methods:", ""] + [f"- `{name}`: {m['description']}" for name, m in methods.items()]
+    count = max((len(m["steps"]) for m in methods.values()), default=0)
+    for key in [*MAIN_METRICS, "cumulative_seconds"]:
+        title = TITLES.get(key, "cumulative cost: wall seconds of training, evaluation excluded")
+        lines += ["", f"## {title}", "", "| method | " + " | ".join(["0 (base)", *map(str, range(1, count + 1))]) + " |"]
+        lines.append("|" + "---|" * (count + 2))
+        for name, m in methods.items():
+            base = "-" if key == "cumulative_seconds" else _cell(m["base"].get(key), key)
+            values = [s[key] if key == "cumulative_seconds" else s["metrics"][key] for s in m["steps"]]
+            lines.append(f"| {name} | {base} | " + " | ".join(_cell(v, key) for v in values) + " |")
+    return "\n".join(lines) + "\n\n![per-request curves](bench.png)\n"
+
+
+def plot_bench(bench: dict, path: Path) -> None:
+    """One subplot per metric and one for cumulative cost; one line per method, base as request 0."""
+    methods = bench["methods"]
+    keys = [*MAIN_METRICS, "cumulative_seconds"]
+    last = max((s["index"] for m in methods.values() for s in m["steps"]), default=1)
+    figure = Figure(figsize=(13.5, 6.8), layout="constrained")
+    for position, key in enumerate(keys, start=1):
+        axes = figure.add_subplot(2, 3, position)
+        for name, m in methods.items():
+            start = [(0, 0.0 if key == "cumulative_seconds" else m["base"].get(key))]
+            points = start + [(s["index"], s[key] if key == "cumulative_seconds" else s["metrics"][key]) for s in m["steps"]]
+            points = [(x, y) for x, y in points if _is_number(y)]
+            if points:
+                axes.plot(*zip(*points), marker="o", label=name)
+        axes.set_title(TITLES.get(key, "cumulative cost (wall s)"), fontsize="medium")
+        _request_axis(axes, last, "request (0 = base)")
+    figure.axes[0].legend(loc="best", fontsize="small")
+    _save_png(figure, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Add-on regularisers that act on gradients and weights, not on the loss (METHODS.md).
+
+    SelectiveMask        selective fine-tuning: only a global top-k of the trainable elements,
+                         ranked once per request by |theta * grad of the forget loss|, may change
+    ProtectedProjection  gradient projection: cross-attention key / value weights change only
+                         orthogonally to the protected text embeddings, so their keys and
+                         values stay the same
+
+Both leave the weights they do not allow to change exactly at the reference (the frozen
+teacher, M_{i-1}): AdamW's per-element scaling and weight decay would otherwise move them.
+L1-SP / L2-SP are losses: `objectives.StartingPointPenalty`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+KEY_VALUE = (".attn2.to_k.weight", ".attn2.to_v.weight")  # input dimension = the text embedding width
+
+
+def top_k_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Boolean masks keeping exactly the global top `fraction` of all elements by score."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"regularizers.selective.fraction must be in (0, 1] (got {fraction})")
+    flat = torch.cat([s.detach().flatten().float() for s in scores.values()])
+    k = max(1, round(fraction * flat.numel()))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[flat.topk(k).indices] = True
+    masks, start = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[start : start + s.numel()].view_as(s)
+        start += s.numel()
+    return masks
+
+
+class SelectiveMask:
+    """Selective fine-tuning: gradients masked, and the unselected weights held at the reference."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = masks
+
+    @classmethod
+    def from_gradients(cls, unet: torch.nn.Module, fraction: float) -> "SelectiveMask":
+        """Importance |theta * grad| of the trainable parameters (grads accumulated by the caller)."""
+        scores = {
+            name: (p.detach() * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
+            for name, p in unet.named_parameters()
+            if p.requires_grad
+        }
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for score in scores.values():  # each rank saw its slice of the batch: one mask for all
+                torch.distributed.all_reduce(score)
+        return cls(top_k_mask(scores, fraction))
+
+    def mask_gradients(self, unet: torch.nn.Module) -> None:
+        for name, p in unet.named_parameters():
+            if p.grad is not None and name in self.masks:
+                p.grad.mul_(self.masks[name].to(p.grad.device))
+
+    @torch.no_grad()
+    def hold(self, unet: torch.nn.Module, reference: torch.nn.Module) -> None:
+        ref = dict(reference.named_parameters())
+        for name, p in unet.named_parameters():
+            if name in self.masks:
+                p.copy_(torch.where(self.masks[name].to(p.device), p, ref[name].to(p.dtype)))
+
+
+def protected_columns(text_states: torch.Tensor, dedup_cosine: float | None) -> torch.Tensor:
+    """C (width, n): every token state of the protected prompts, dropping each column whose
+    cosine to an earlier kept one exceeds `dedup_cosine` (None keeps all)."""
+    columns = text_states.detach().reshape(-1, text_states.shape[-1]).double()
+    if dedup_cosine is None:
+        return columns.T
+    unit = F.normalize(columns, dim=1)
+    kept = [0]
+    for i in range(1, len(columns)):
+        if (unit[kept] @ unit[i]).max() <= dedup_cosine:
+            kept.append(i)
+    return columns[kept].T
+
+
+def projection_matrix(C: torch.Tensor) -> torch.Tensor:
+    """`P = I - C (C^T C + eps I)^-1 C^T`, `eps = max(1e-4, 1e-6 tr(C^T C) / n)` (float64, width x width).
+
+    Computed as `I - (C C^T + eps I)^-1 C C^T`, the same matrix (push-through identity) with a
+    width x width solve instead of an n x n one.
+    """
+    width, n = C.shape
+    gram = C @ C.T  # tr(C C^T) = tr(C^T C)
+    eps = max(1e-4, 1e-6 * float(gram.trace()) / n)
+    identity = torch.eye(width, dtype=C.dtype, device=C.device)
+    return identity - torch.linalg.solve(gram + eps * identity, gram)
+
+
+class ProtectedProjection:
+    """Gradient projection on cross-attention keys / values (`attn2.to_k`, `attn2.to_v`).
+
+    `grad <- grad @ P` after backward, as published; and, after each optimizer step,
+    `W <- W_ref + (W - W_ref) @ P`, so `(W - W_ref) c ~ 0` for every protected embedding `c`
+    whatever the optimizer does with the projected gradient (AdamW rescales each element).
+    """
+
+    def __init__(self, unet: torch.nn.Module, text_states: torch.Tensor, dedup_cosine: float | None):
+        self.names = [n for n, p in unet.named_parameters() if p.requires_grad and n.endswith(KEY_VALUE)]
+        C = protected_columns(text_states, dedup_cosine)
+        self.columns, self.P = C.shape[1], projection_matrix(C)
+
+    def project_gradients(self, unet: torch.nn.Module) -> None:
+        params = dict(unet.named_parameters())
+        for name in self.names:
+            grad = params[name].grad
+            if grad is not None:
+                grad.copy_((grad.double() @ self.P.to(grad.device)).to(grad.dtype))
+
+    @torch.no_grad()
+    def project_update(self, unet: torch.nn.Module, reference: torch.nn.Module) -> None:
+        params, ref = dict(unet.named_parameters()), dict(reference.named_parameters())
+        for name in self.names:
+            p, r = params[name], ref[name].to(params[name].device).double()
+            p.copy_((r + (p.double() - r) @ self.P.to(p.device)).to(p.dtype))

@@ -1,0 +1,78 @@
+"""`python -m distill_forget.bench` on a micro model: two methods, two requests, a rerun that reuses them."""
+
+import json
+
+import pytest
+import torch
+
+from distill_forget import bench
+from distill_forget.ledger import Ledger
+from distill_forget.world.judge import MiniCanvasJudge
+
+FAST = [
+    "threads=1", "step.steps=2", "step.replay.bank_size=2", "step.sampling_steps=2", "step.score.latents=2",
+    "step.batch=2", "step.target.mode=fixed", "step.neighbors.mode=request", "evaluate.seeds=[0]", "evaluate.sampling_steps=2",
+    "evaluate.guidance_scale=1.0",
+    "evaluate.reference_repeats=1", "wandb.mode=disabled",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The loop sets torch's thread count for the process (threads=1 here); put it back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_writes_results_and_a_rerun_reuses_finished_runs(tiny_pipeline_dir, tmp_path, capsys):
+    judge = tmp_path / "judge.safetensors"
+    torch.manual_seed(0)
+    MiniCanvasJudge().eval().save(judge)
+    requests = tmp_path / "requests.yaml"
+    requests.write_text("requests:\n  - {concept: dots, kind: style}\n  - {concept: star, kind: object}\n")
+    out = tmp_path / "bench"
+    args = [f"model={tiny_pipeline_dir}", f"judge={judge}", f"requests={requests}", f"out={out}",
+            "methods=[distill,ablation-ties]", *FAST]  # fmt: skip
+
+    bench.main(args)
+    first = capsys.readouterr().out
+    assert first.count("[base] evaluating the starting model") == 1  # evaluated once, shared by both methods
+    result = json.loads((out / "bench.json").read_text())
+    assert list(result["methods"]) == ["distill", "ablation-ties"]
+    for name, method in result["methods"].items():
+        assert [s["concept"] for s in method["steps"]] == ["dots", "star"], name
+        for step in method["steps"]:
+            assert set(step["metrics"]) == {"ua", "ira", "cra", "nra", "quality"}
+            assert step["seconds"] > 0 and step["cumulative_seconds"] >= step["seconds"]
+        assert method["base"] == result["methods"]["distill"]["base"]  # same prompts, seeds and judge
+    # the merged method: independent students from the base, merged with TIES after each request
+    ties = Ledger(out / "ablation-ties" / "ledger.jsonl").verify()
+    assert [r["setting"] for r in ties] == ["independent"] * 2 and ties[1]["input_hash"] == ties[0]["input_hash"]
+    assert ties[1]["settings"]["forget_objective"] == "ablation" and ties[1]["settings"]["lambda_r"] == 0.0
+    assert ties[1]["merge"]["method"] == "ties" and len(ties[1]["merge"]["students"]) == 2
+    assert ties[1]["merge"]["independent_hash"] != ties[1]["output_hash"]
+    assert "Setting: independent." in (out / "ablation-ties" / "report.md").read_text()
+    assert result["methods"]["ablation-ties"]["steps"][1]["metrics"]["ua"] is not None
+    assert Ledger(out / "distill" / "ledger.jsonl").verify()[1]["input_hash"] != ties[1]["input_hash"]  # sequential
+    markdown = (out / "bench.md").read_text()
+    assert "| distill | sequential |" in markdown and "| ablation-ties | independent |" in markdown
+    assert "## UA" in markdown and "cumulative cost" in markdown
+    assert (out / "bench.png").stat().st_size > 0
+
+    bench.main(args)
+    again = capsys.readouterr().out
+    assert again.count("done before, weights verified") == 4  # 2 methods x 2 requests, none redone
+    assert "forgetting" not in again and "[base] evaluating" not in again
+
+
+def test_bench_refuses_a_method_that_changes_the_evaluation(tmp_path, monkeypatch):
+    methods = tmp_path / "methods"
+    methods.mkdir()
+    (methods / "cheat.yaml").write_text("evaluate: {seeds: [5]}\n")
+    monkeypatch.setattr(bench, "METHODS_DIR", methods)
+    with pytest.raises(SystemExit, match=r"cheat.yaml: \['evaluate'\] cannot be set by a method"):
+        bench.main(["methods=[cheat]", f"out={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit, match="method 'nowhere': no file"):
+        bench.main(["methods=[nowhere]", f"out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
