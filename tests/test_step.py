@@ -173,6 +173,13 @@ def networks(tiny_pipeline_dir):
     return teacher, PromptEncoder(pipe.tokenizer, pipe.text_encoder)
 
 
+def test_forget_mapping_refuses_timesteps_the_schedule_does_not_have():
+    draw = GlobalBatch(seed=0)
+    assert ForgetMapping(training_scheduler(), 999, draw).t_max == 999
+    with pytest.raises(ValueError, match=r"t_max=1000.*\[0, 999\]"):
+        ForgetMapping(training_scheduler(), 1000, draw)
+
+
 def test_each_objective_is_zero_when_student_equals_teacher(networks):
     teacher, encoder = networks
     student_unet = copy.deepcopy(teacher.unet).requires_grad_(True)

@@ -38,6 +38,9 @@ class ForgetMapping(nn.Module):
 
     def __init__(self, noise_scheduler, t_max: int, draw: GlobalBatch):
         super().__init__()
+        last = noise_scheduler.config.num_train_timesteps - 1
+        if not 0 <= t_max <= last:
+            raise ValueError(f"t_max={t_max}: the forget mapping's timesteps must lie in [0, {last}]")
         self.noise_scheduler, self.t_max, self.draw = noise_scheduler, t_max, draw
 
     def forward(self, student, teacher, z0, forget_embeds, mapped_embeds) -> torch.Tensor:
