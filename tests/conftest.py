@@ -19,3 +19,22 @@ def tiny_pipeline_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "pipeline"
     pipe.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def two_requests(tmp_path):
+    """A request file forgetting a style, then an object."""
+    path = tmp_path / "requests.yaml"
+    path.write_text("requests:\n  - {concept: dots, kind: style}\n  - {concept: star, kind: object}\n")
+    return path
+
+
+@pytest.fixture
+def random_judge(tmp_path):
+    """A randomly initialised MiniCanvas judge file (seeded): the loop's plumbing, not its verdicts."""
+    from distill_forget.world.judge import MiniCanvasJudge
+
+    path = tmp_path / "judge.safetensors"
+    torch.manual_seed(0)
+    MiniCanvasJudge().eval().save(path)
+    return path

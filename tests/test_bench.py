@@ -7,7 +7,6 @@ import torch
 
 from distill_forget import bench
 from distill_forget.ledger import Ledger
-from distill_forget.world.judge import MiniCanvasJudge
 
 FAST = [
     "threads=1", "step.steps=2", "step.replay.bank_size=2", "step.sampling_steps=2", "step.score.latents=2",
@@ -25,12 +24,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_bench_writes_results_and_a_rerun_reuses_finished_runs(tiny_pipeline_dir, tmp_path, capsys):
-    judge = tmp_path / "judge.safetensors"
-    torch.manual_seed(0)
-    MiniCanvasJudge().eval().save(judge)
-    requests = tmp_path / "requests.yaml"
-    requests.write_text("requests:\n  - {concept: dots, kind: style}\n  - {concept: star, kind: object}\n")
+def test_bench_writes_results_and_a_rerun_reuses_finished_runs(tiny_pipeline_dir, tmp_path, capsys, random_judge, two_requests):
+    judge, requests = random_judge, two_requests
     out = tmp_path / "bench"
     args = [f"model={tiny_pipeline_dir}", f"judge={judge}", f"requests={requests}", f"out={out}",
             "methods=[distill,ablation-ties]", *FAST]  # fmt: skip

@@ -42,9 +42,8 @@ def test_global_batch_slices_are_the_single_process_draws():
         ranks[0].local_size(5)
 
 
-def test_ddp_on_two_processes_gives_the_single_process_checkpoints(tiny_pipeline_dir, tmp_path):
-    requests = tmp_path / "requests.yaml"
-    requests.write_text("requests:\n  - {concept: dots, kind: style}\n  - {concept: star, kind: object}\n")
+def test_ddp_on_two_processes_gives_the_single_process_checkpoints(tiny_pipeline_dir, tmp_path, two_requests):
+    requests = two_requests
     common = [f"model={tiny_pipeline_dir}", f"requests={requests}", *MICRO]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, "-m", "distill_forget.train", *common, f"run_dir={single}"])

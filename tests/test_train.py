@@ -9,10 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from distill_forget.ledger import Ledger
-from distill_forget.world.judge import MiniCanvasJudge
 
 FAST = [
     "threads=1", "step.steps=12", "step.checkpoint_every=2", "step.replay.bank_size=4", "step.sampling_steps=2",
@@ -22,12 +20,8 @@ FAST = [
 
 
 @pytest.fixture
-def tiny_run(tiny_pipeline_dir, tmp_path):
-    judge = tmp_path / "judge.safetensors"
-    torch.manual_seed(0)
-    MiniCanvasJudge().eval().save(judge)
-    requests = tmp_path / "requests.yaml"
-    requests.write_text("requests:\n  - {concept: dots, kind: style}\n  - {concept: star, kind: object}\n")
+def tiny_run(tiny_pipeline_dir, tmp_path, random_judge, two_requests):
+    judge, requests = random_judge, two_requests
     run_dir = tmp_path / "run"
     args = [f"model={tiny_pipeline_dir}", f"judge={judge}", f"requests={requests}", f"run_dir={run_dir}", *FAST]
     return run_dir, args

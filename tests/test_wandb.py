@@ -11,9 +11,8 @@ FAST = [
 ]  # fmt: skip
 
 
-def test_the_loop_logs_one_offline_wandb_run_per_sequence(tiny_pipeline_dir, tmp_path):
-    requests = tmp_path / "requests.yaml"
-    requests.write_text("requests:\n  - {concept: dots, kind: style}\n  - {concept: star, kind: object}\n")
+def test_the_loop_logs_one_offline_wandb_run_per_sequence(tiny_pipeline_dir, tmp_path, two_requests):
+    requests = two_requests
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     env = {**os.environ, "WANDB_DIR": str(wandb_dir), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
            "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_CONFIG_DIR": str(tmp_path / "config")}  # fmt: skip

@@ -75,6 +75,15 @@ class ForgottenReplay(RetainReplay):
     """
 
 
+def trainable_differences(student: nn.Module, reference: nn.Module, who: str) -> list[torch.Tensor]:
+    """theta - theta_ref (float32) for every trainable parameter of the student."""
+    ref = dict(reference.named_parameters())
+    differences = [p.float() - ref[name].float() for name, p in student.named_parameters() if p.requires_grad]
+    if not differences:
+        raise ValueError(f"{who}: the student has no trainable parameters")
+    return differences
+
+
 class ParameterAnchor(nn.Module):
     """L_reg = sum over trainable parameters of (theta - theta_prev)^2 (a sum, not a mean).
 
@@ -83,12 +92,7 @@ class ParameterAnchor(nn.Module):
     """
 
     def forward(self, student: nn.Module, reference: nn.Module) -> torch.Tensor:
-        previous = dict(reference.named_parameters())
-        trainable = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
-        terms = [(p.float() - previous[name].float()).pow(2).sum() for name, p in trainable]
-        if not terms:
-            raise ValueError("ParameterAnchor: the student has no trainable parameters")
-        return torch.stack(terms).sum()
+        return sum(d.pow(2).sum() for d in trainable_differences(student, reference, "ParameterAnchor"))
 
 
 # ---------------------------------------------------------------- baseline forget objectives
@@ -158,9 +162,5 @@ class StartingPointPenalty(nn.Module):
         self.p = p
 
     def forward(self, student: nn.Module, reference: nn.Module) -> torch.Tensor:
-        ref = dict(reference.named_parameters())
-        trainable = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("StartingPointPenalty: the student has no trainable parameters")
-        total = sum((p.float() - ref[name].float()).abs().pow(self.p).sum() for name, p in trainable)
-        return total / sum(p.numel() for _, p in trainable)
+        differences = trainable_differences(student, reference, "StartingPointPenalty")
+        return sum(d.abs().pow(self.p).sum() for d in differences) / sum(d.numel() for d in differences)
