@@ -54,11 +54,12 @@ def test_esd_and_ablation_are_zero_exactly_when_nothing_is_to_be_learned(network
 
     esd, ablation = ESD(training_scheduler(), 1.0, GlobalBatch(0)), ConceptAblation(training_scheduler(), GlobalBatch(0))
     # ESD: the unconditional prompt has no concept to guide away from; ablation: a prompt onto itself.
-    assert loss(esd, empty, empty).item() == 0.0
-    assert loss(ablation, concept, concept).item() == 0.0
+    # (Zero up to rounding: the teacher's rows are batched with others, so its sums round differently.)
+    assert loss(esd, empty, empty).item() == pytest.approx(0.0, abs=1e-10)
+    assert loss(ablation, concept, concept).item() == pytest.approx(0.0, abs=1e-10)
     # a student that still draws the concept is pushed away from it / onto the anchor
     esd_loss, ablation_loss = loss(esd, concept, empty), loss(ablation, concept, anchor)
-    assert esd_loss.item() > 0.0 and ablation_loss.item() > 0.0
+    assert esd_loss.item() > 1e-6 and ablation_loss.item() > 1e-6
     (esd_loss + ablation_loss).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student_unet.parameters())
     assert all(p.grad is None for p in teacher.unet.parameters())

@@ -15,8 +15,10 @@ from distill_forget.distill.objectives import (
     NeighborPreservation,
     ParameterAnchor,
     RetainReplay,
+    noised,
 )
 from distill_forget.distill.module import TRAINABLE
+from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.step import RECORD_FILE, build_module, make_trainer, plan_prompts, run_step, step_indices
 from distill_forget.distill.targets import score_distance
 from distill_forget.pipelines import load_pipeline
@@ -201,6 +203,72 @@ def test_each_objective_is_zero_when_student_equals_teacher(networks):
     assert ParameterAnchor()(student_unet, teacher.unet).item() > 0.0
 
 
+def test_relative_forget_loss_is_the_share_of_the_way_to_the_target_left(networks):
+    teacher, encoder = networks
+    scheduler = training_scheduler()
+    z0 = torch.randn(3, *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
+    forget, mapped = encoder(["a star in mosaic style"] * 3), encoder(["a square in mosaic style"] * 3)
+
+    def relative(student: Denoiser) -> float:
+        objective = ForgetMapping(scheduler, 999, GlobalBatch(seed=3), scale="relative")
+        return objective(student, teacher, z0, forget, mapped).item()
+
+    class AnswersMapped(Denoiser):  # reads the mapped prompt whatever it is given
+        def __call__(self, x_t, t, condition):
+            return super().__call__(x_t, t, mapped[: len(x_t)])
+
+    # The student that is still the teacher has the whole way to go; one that answers the forget
+    # prompt as the teacher answers the mapped prompt has none left.
+    assert relative(Denoiser(copy.deepcopy(teacher.unet))) == pytest.approx(1.0, rel=1e-4)
+    assert relative(AnswersMapped(teacher.unet)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="loss_scale"):
+        ForgetMapping(scheduler, 600, GlobalBatch(seed=0), scale="huber")
+
+
+def test_relative_retain_loss_is_zero_for_the_teacher_and_scaled_by_its_conditional_signal(networks):
+    teacher, encoder = networks
+    scheduler = training_scheduler()
+    z0 = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
+    retain, empty = encoder(["a ring in neon style", "a square in dots style"]), encoder([""])
+    student_unet = copy.deepcopy(teacher.unet)
+
+    def losses(scale):
+        objective = RetainReplay(scheduler, GlobalBatch(seed=5), scale=scale)
+        return objective(Denoiser(student_unet), teacher, z0, retain, empty).item()
+
+    assert losses("relative") == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        weight = next(p for n, p in student_unet.named_parameters() if ".attn2.to_v." in n)
+        weight.add_(0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    x_t, t = noised(scheduler, z0, 1000, GlobalBatch(seed=5))  # the draws the loss makes
+    with torch.no_grad():
+        conditional, unconditional = teacher(x_t, t, retain), teacher(x_t, t, empty[[0, 0]])
+        error = (Denoiser(student_unet)(x_t, t, retain) - conditional).pow(2).flatten(1).mean(1)
+        signal = (conditional - unconditional).pow(2).flatten(1).mean(1)
+    assert error.mean() > 1e-6
+    assert losses("mse") == pytest.approx(error.mean().item(), rel=1e-3)
+    assert losses("relative") == pytest.approx((error / signal).mean().item(), rel=1e-3)
+    with pytest.raises(ValueError, match="empty prompt"):
+        RetainReplay(scheduler, GlobalBatch(seed=5), scale="relative")(Denoiser(student_unet), teacher, z0, retain)
+
+
+def test_guided_replay_follows_classifier_free_guidance(networks, tiny_pipeline_dir):
+    teacher, encoder = networks
+    scheduler_config = load_pipeline(tiny_pipeline_dir).scheduler.config
+    prompts, empty = encoder(["a star in mosaic style", "a ring in neon style"]), encoder([""])
+    x, t = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    guided = TeacherSampler(teacher, scheduler_config, 2, 8, guidance=4.0, empty=empty)
+    with torch.no_grad():
+        conditional, unconditional = teacher(x, t.expand(2), prompts), teacher(x, t.expand(2), empty[[0, 0]])
+        expected = unconditional + 4.0 * (conditional - unconditional)
+        assert torch.allclose(guided.predict(x, t, prompts), expected, atol=1e-5)
+        assert torch.equal(TeacherSampler(teacher, scheduler_config, 2, 8).predict(x, t, prompts), conditional)
+    guided.sample(prompts, torch.Generator().manual_seed(1))
+    assert guided.evaluations == 2 * 2 * 2  # samples x steps x (conditional + unconditional)
+    with pytest.raises(ValueError, match="empty prompt"):
+        TeacherSampler(teacher, scheduler_config, 2, 8, guidance=4.0)
+
+
 def test_score_distance_is_zero_for_identical_prompts_and_symmetric(networks):
     teacher, encoder = networks
     ring, square = "a ring in neon style", "a square in dots style"
@@ -246,6 +314,18 @@ def test_teacher_never_changes_and_stays_out_of_the_checkpoint(tiny_pipeline_dir
     assert module.student.evaluations == 3 * 3 * cfg.batch  # 3 steps x (forget, retain, neighbour) x batch
 
 
+def test_forgotten_replay_takes_retain_rows_so_every_request_trains_as_many_rows(tiny_pipeline_dir):
+    def replay_rows(forgotten_before, *extra):
+        module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg("batch=4", *extra), forgotten_before)
+        module.setup("fit")
+        return module.replay_rows()
+
+    assert replay_rows([]) == {"retain": 4, "neighbor": 4}
+    assert replay_rows(["dots"]) == {"retain": 2, "neighbor": 4, "forgotten": 2}
+    with pytest.raises(ValueError, match="forgotten_share"):
+        replay_rows(["dots"], "replay.forgotten_share=0.9")
+
+
 @pytest.mark.parametrize("replay_mode", ["bank", "per_step"])
 def test_short_run_step_writes_a_stock_pipeline_folder(tiny_pipeline_dir, tmp_path, replay_mode):
     from diffusers import StableDiffusionPipeline
@@ -262,10 +342,11 @@ def test_short_run_step_writes_a_stock_pipeline_folder(tiny_pipeline_dir, tmp_pa
     assert record["steps"] == 2 and set(record["final_losses"]) >= {"forget", "retain", "neighbor", "forgotten", "reg"}
     assert len(record["neighbors"]["chosen"]) == cfg.neighbors.top_k
     assert set(record["targets"]["counts"]) <= set(concepts.STYLES) - {"dots"} - set(record["neighbors"]["chosen"])
-    assert record["evaluations"]["student"] == 2 * 4 * cfg.batch
+    # per step: a batch each for forget and neighbour, and one shared by retain and forgotten
+    assert record["evaluations"]["student"] == 2 * 3 * cfg.batch
     sampling = record["evaluations"]["teacher_sampling"]
-    groups = 4  # forget, retain, neighbour, forgotten
+    groups = 4  # forget, retain, neighbour, forgotten: a bank each
     if replay_mode == "bank":
         assert sampling == groups * cfg.replay.bank_size * cfg.sampling_steps
     else:
-        assert sampling == 2 * groups * cfg.batch * cfg.sampling_steps
+        assert sampling == 2 * 3 * cfg.batch * cfg.sampling_steps

@@ -21,7 +21,9 @@ from distill_forget.distill.objectives import (
     NeighborPreservation,
     ParameterAnchor,
     RetainReplay,
+    Rows,
     StartingPointPenalty,
+    run_rows,
 )
 from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask
 from distill_forget.distill.prompts import PromptGroups
@@ -41,7 +43,7 @@ FORGET_OBJECTIVES = ("distill", "esd", "ablation")
 def forget_objective(cfg, noise_scheduler, draw):
     """The forget loss named by `forget_objective`: distill (ForgetMapping) | esd | ablation."""
     if cfg.forget_objective == "distill":
-        return ForgetMapping(noise_scheduler, cfg.t_max, draw)
+        return ForgetMapping(noise_scheduler, cfg.t_max, draw, cfg.loss_scale)
     if cfg.forget_objective == "esd":
         return ESD(noise_scheduler, cfg.esd.eta, draw)
     if cfg.forget_objective == "ablation":
@@ -90,9 +92,9 @@ class DistillForgetModule(L.LightningModule):
         self.objectives = torch.nn.ModuleDict(
             {
                 "forget": forget_objective(cfg, noise_scheduler, self.draw),
-                "retain": RetainReplay(noise_scheduler, self.draw),
-                "neighbor": NeighborPreservation(noise_scheduler, self.draw),
-                "forgotten": ForgottenReplay(noise_scheduler, self.draw),
+                "retain": RetainReplay(noise_scheduler, self.draw, cfg.loss_scale),
+                "neighbor": NeighborPreservation(noise_scheduler, self.draw, cfg.loss_scale),
+                "forgotten": ForgottenReplay(noise_scheduler, self.draw, cfg.loss_scale),
                 "reg": ParameterAnchor(),
                 "l1sp": StartingPointPenalty(1),
                 "l2sp": StartingPointPenalty(2),
@@ -125,6 +127,8 @@ class DistillForgetModule(L.LightningModule):
             groups = self.groups.as_dict()
             if self.objectives["forget"].reference == "empty":  # ESD's unconditional branch, row for row
                 groups["empty"] = [""] * len(groups["forget"])
+            if self.cfg.loss_scale == "relative":  # the replays' unconditional branch, one row
+                groups["unconditional"] = [""]
             self.embeds = {name: self.encoder(prompts).to("cpu") for name, prompts in groups.items() if prompts}
 
     def on_fit_start(self) -> None:
@@ -133,7 +137,9 @@ class DistillForgetModule(L.LightningModule):
         self.embeds = {name: e.to(self.device) for name, e in self.embeds.items()}
         cfg = self.cfg
         batch = cfg.replay.sampling_batch
-        self.sampler = TeacherSampler(self.teacher, self.scheduler_config, cfg.sampling_steps, batch)
+        guidance = cfg.replay.guidance
+        empty = self.encoder([""]).to(self.device) if guidance != 1.0 else None
+        self.sampler = TeacherSampler(self.teacher, self.scheduler_config, cfg.sampling_steps, batch, guidance, empty)
         # Teacher latents only for the groups a weighted loss reads (naive methods sample no replay).
         needed = {g for g in ("retain", "neighbor", "forgotten") if self.weights[g]}
         if self.weights["forget"]:
@@ -142,6 +148,8 @@ class DistillForgetModule(L.LightningModule):
         ranks = current_ranks()  # the process group Lightning runs in (one process without one)
         self.draw.rank, self.draw.world = ranks.rank, ranks.world
         self.draw.local_size(cfg.batch)  # a clear error now for a batch that does not split over the ranks
+        for group, rows in self.replay_rows().items():  # and for replay rows that do not
+            self.draw.local_size(rows, f"step.batch's {group} replay rows")
         self.replay = make_replay(cfg.replay, self.sampler, sampled, cfg.seed, self.draw)
         started = time.time()
         if cfg.replay.mode == "bank" and ranks.is_main:
@@ -179,22 +187,50 @@ class DistillForgetModule(L.LightningModule):
             print(f"[step] gradient projection on {len(self.projection.names)} key/value weights, "
                   f"{self.projection.columns} protected token embeddings", flush=True)  # fmt: skip
 
-    def forget_loss(self) -> torch.Tensor:
-        """The forget objective on one micro-batch: z0 from its replay group, prompts row for row."""
+    def forget_rows(self) -> Rows:
+        """The forget objective's rows for one micro-batch: z0 from its replay group, prompts row for row."""
         objective = self.objectives["forget"]
         index, z0 = self.replay.batch(objective.latents, self.draw.local_size(self.cfg.batch))
-        reference = self.embeds[objective.reference][index]
-        return objective(self.student, self.teacher, z0, self.embeds["forget"][index], reference)
+        return objective.rows(z0, self.embeds["forget"][index], self.embeds[objective.reference][index])
+
+    def forget_loss(self) -> torch.Tensor:
+        """The forget objective alone on one micro-batch."""
+        student_out, teacher_outs = run_rows(self.student, self.teacher, {"forget": self.forget_rows()})["forget"]
+        return self.objectives["forget"].loss(student_out, teacher_outs)
+
+    def replay_rows(self) -> dict[str, int]:
+        """Rows of the global micro-batch per weighted replay group.
+
+        `batch` each, except that once earlier requests have forgotten concepts, their replay
+        takes `replay.forgotten_share` of the retain rows instead of rows of its own: every
+        request of a sequence then trains on as many rows per step, so costs the same.
+        """
+        batch = self.cfg.batch
+        active = [g for g in ("retain", "neighbor", "forgotten") if self.weights[g] and g in self.embeds]
+        rows = {group: batch for group in active}
+        if "retain" in rows and "forgotten" in rows:
+            rows["forgotten"] = round(batch * self.cfg.replay.forgotten_share)
+            rows["retain"] = batch - rows["forgotten"]
+            if not 0 < rows["forgotten"] < batch:
+                raise ValueError(
+                    f"replay.forgotten_share={self.cfg.replay.forgotten_share} of batch={batch} must leave "
+                    "at least one row to the retain replay and give at least one to the forgotten replay"
+                )
+        return rows
 
     def losses(self) -> dict[str, torch.Tensor]:
-        """Each weighted objective on this rank's share of one micro-batch from the replay source."""
-        batch, losses = self.draw.local_size(self.cfg.batch), {}
+        """Each weighted objective on this rank's share of one micro-batch from the replay source.
+
+        The distillation losses' rows go through one student call and one teacher call together.
+        """
+        rows = {}
         if self.weights["forget"]:
-            losses["forget"] = self.forget_loss()
-        for group in ("retain", "neighbor", "forgotten"):
-            if self.weights[group] and group in self.embeds:
-                index, z0 = self.replay.batch(group, batch)
-                losses[group] = self.objectives[group](self.student, self.teacher, z0, self.embeds[group][index])
+            rows["forget"] = self.forget_rows()
+        for group, size in self.replay_rows().items():
+            index, z0 = self.replay.batch(group, self.draw.local_size(size, f"the {group} replay's rows"))
+            rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds.get("unconditional"))
+        outputs = run_rows(self.student, self.teacher, rows) if rows else {}
+        losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)
         for name in ("l1sp", "l2sp"):

@@ -42,6 +42,12 @@ class Condition:
     def to(self, device) -> "Condition":
         return self.map(lambda tensor: tensor.to(device))
 
+    @staticmethod
+    def cat(conditions: list["Condition"]) -> "Condition":
+        """The rows of several conditions, in order."""
+        columns = ([getattr(c, field.name) for c in conditions] for field in fields(Condition))
+        return Condition(*(None if column[0] is None else torch.cat(column) for column in columns))
+
     def repeat_interleave(self, repeats: int) -> "Condition":
         return self.map(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
 

@@ -1,23 +1,34 @@
 """The losses of a distillation step (METHODS.md), one class each; the weights live in the config.
 
-Every distillation loss is `mean || eps(S, x_t, t, c_S) - sg eps(T, x_t, t, c_T) ||^2` on a
-teacher latent `z0` noised to `x_t`; they differ in the prompts and the timestep range. The
-outputs are matched directly, so the losses hold for any `prediction_type`.
+Every distillation loss compares `eps(S, x_t, t, c_S)` with stop-gradient teacher outputs
+`eps(T, x_t, t, c_T)` on a teacher latent `z0` noised to `x_t`; they differ in the prompts, the
+timestep range and how the outputs are compared. The outputs are matched directly, so the
+losses hold for any `prediction_type`.
+
+Each loss is split in two: `rows` draws the micro-batch's noisy latents and names the
+conditions each network reads, `loss` scores the outputs. Calling a loss runs the networks on
+its rows alone; the training module gathers the rows of every loss of a micro-batch and runs
+one student call and one teacher call for all of them (`run_rows`).
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distill_forget.distill.global_batch import GlobalBatch
-from distill_forget.distill.networks import Denoiser
+from distill_forget.distill.networks import Condition, Denoiser
 
 
-def distill_loss(student: Denoiser, teacher: Denoiser, x_t, t, student_embeds, teacher_embeds) -> torch.Tensor:
-    """The one formula: mean squared difference of student and stop-gradient teacher outputs."""
-    with torch.no_grad():
-        target = teacher(x_t, t, teacher_embeds)
-    return F.mse_loss(student(x_t, t, student_embeds).float(), target.float())
+@dataclass
+class Rows:
+    """One loss's network inputs for a micro-batch, row for row."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    student: Condition  # the condition the student reads
+    teacher: list[Condition]  # one stop-gradient teacher prediction per condition
 
 
 def noised(noise_scheduler, z0: torch.Tensor, t_high: int, draw: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,37 +38,124 @@ def noised(noise_scheduler, z0: torch.Tensor, t_high: int, draw: GlobalBatch) ->
     return noise_scheduler.add_noise(z0, noise, t), t
 
 
-class ForgetMapping(nn.Module):
+def run_rows(student: Denoiser, teacher: Denoiser, rows: dict[str, Rows]):
+    """Every loss's rows through one teacher call (no gradients) and one student call.
+
+    Returns {name: (student output, [teacher outputs])}, in float32.
+    """
+    def split(out: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        return list(out.float().split(sizes))
+
+    queries = [(r.x_t, r.t, c) for r in rows.values() for c in r.teacher]
+    with torch.no_grad():
+        taught = split(
+            teacher(torch.cat([q[0] for q in queries]), torch.cat([q[1] for q in queries]), Condition.cat([q[2] for q in queries])),
+            [len(q[0]) for q in queries],
+        )
+    learnt = split(
+        student(torch.cat([r.x_t for r in rows.values()]), torch.cat([r.t for r in rows.values()]), Condition.cat([r.student for r in rows.values()])),
+        [len(r.x_t) for r in rows.values()],
+    )
+    out = {}
+    for (name, r), student_out in zip(rows.items(), learnt):
+        out[name] = (student_out, taught[: len(r.teacher)])
+        taught = taught[len(r.teacher) :]
+    return out
+
+
+def per_sample(difference: torch.Tensor) -> torch.Tensor:
+    """Mean squared value of each sample of a batch: (N, ...) -> (N,)."""
+    return difference.pow(2).flatten(1).mean(1)
+
+
+LOSS_SCALES = ("mse", "relative")
+
+
+def checked_scale(scale: str) -> str:
+    if scale not in LOSS_SCALES:
+        raise ValueError(f"loss_scale must be one of {LOSS_SCALES} (got {scale!r})")
+    return scale
+
+
+class DistillationLoss(nn.Module):
+    """A loss of student outputs against stop-gradient teacher outputs at the same noisy latents."""
+
+    def rows(self, z0: torch.Tensor, *conditions: Condition) -> Rows:
+        raise NotImplementedError
+
+    def loss(self, student_out: torch.Tensor, teacher_outs: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, student: Denoiser, teacher: Denoiser, z0: torch.Tensor, *conditions: Condition) -> torch.Tensor:
+        """The loss on one micro-batch, the networks run on its rows alone."""
+        student_out, teacher_outs = run_rows(student, teacher, {"loss": self.rows(z0, *conditions)})["loss"]
+        return self.loss(student_out, teacher_outs)
+
+
+
+class ForgetMapping(DistillationLoss):
     """L_forget: on latents where the teacher draws the concept, steer as it does toward the target.
 
     `eps(S, x_t, t, p_f)` is pulled to `sg eps(T, x_t, t, p_m)`, `p_m` the forget prompt `p_f`
     with the concept replaced; `t ~ U[0, t_max]` (published: t_max 600-700 of 1000).
+
+    scale `mse`: the published mean squared difference. `relative`: each sample's squared
+    difference divided by the teacher's own, `sg || eps(T, x_t, t, p_f) - eps(T, x_t, t, p_m) ||^2`,
+    so the loss is the share of the way to the target still to go (1 for the teacher) and
+    every timestep counts alike. Under `mse` the high-noise timesteps, where the teacher's two
+    predictions differ least but where an object's shape is decided, weigh almost nothing.
     """
 
     latents, reference = "forget", "mapped"  # the replay group of z0; the teacher's prompt group
 
-    def __init__(self, noise_scheduler, t_max: int, draw: GlobalBatch):
+    def __init__(self, noise_scheduler, t_max: int, draw: GlobalBatch, scale: str = "mse"):
         super().__init__()
         last = noise_scheduler.config.num_train_timesteps - 1
         if not 0 <= t_max <= last:
             raise ValueError(f"t_max={t_max}: the forget mapping's timesteps must lie in [0, {last}]")
-        self.noise_scheduler, self.t_max, self.draw = noise_scheduler, t_max, draw
+        self.noise_scheduler, self.t_max, self.draw, self.scale = noise_scheduler, t_max, draw, checked_scale(scale)
 
-    def forward(self, student, teacher, z0, forget_embeds, mapped_embeds) -> torch.Tensor:
+    def rows(self, z0, forget_embeds, mapped_embeds) -> Rows:
         x_t, t = noised(self.noise_scheduler, z0, self.t_max + 1, self.draw)
-        return distill_loss(student, teacher, x_t, t, forget_embeds, mapped_embeds)
+        teacher = [mapped_embeds] if self.scale == "mse" else [forget_embeds, mapped_embeds]
+        return Rows(x_t, t, forget_embeds, teacher)
+
+    def loss(self, student_out, teacher_outs) -> torch.Tensor:
+        target = teacher_outs[-1]
+        if self.scale == "mse":
+            return F.mse_loss(student_out, target)
+        gap = per_sample(teacher_outs[0] - target).clamp_min(1e-12)
+        return (per_sample(student_out - target) / gap).mean()
 
 
-class RetainReplay(nn.Module):
-    """L_retain: the student copies the teacher on teacher latents of prompts that must survive."""
+class RetainReplay(DistillationLoss):
+    """L_retain: the student copies the teacher on teacher latents of prompts that must survive.
 
-    def __init__(self, noise_scheduler, draw: GlobalBatch):
+    scale `mse`: the published mean squared difference. `relative`: each sample's squared
+    difference divided by the teacher's conditional signal there,
+    `sg || eps(T, x_t, t, p_r) - eps(T, x_t, t, "") ||^2` — the part classifier-free guidance
+    amplifies — so a change that guidance would magnify into a different shape costs as much
+    at high noise as at low noise. (`rows` then needs the empty prompt's condition.)
+    """
+
+    def __init__(self, noise_scheduler, draw: GlobalBatch, scale: str = "mse"):
         super().__init__()
-        self.noise_scheduler, self.draw = noise_scheduler, draw
+        self.noise_scheduler, self.draw, self.scale = noise_scheduler, draw, checked_scale(scale)
 
-    def forward(self, student, teacher, z0, embeds) -> torch.Tensor:
+    def rows(self, z0, embeds, empty=None) -> Rows:
         x_t, t = noised(self.noise_scheduler, z0, self.noise_scheduler.config.num_train_timesteps, self.draw)
-        return distill_loss(student, teacher, x_t, t, embeds, embeds)
+        if self.scale == "mse":
+            return Rows(x_t, t, embeds, [embeds])
+        if empty is None:
+            raise ValueError(f"{type(self).__name__} with scale 'relative' needs the empty prompt's condition")
+        return Rows(x_t, t, embeds, [embeds, empty[[0] * len(x_t)]])
+
+    def loss(self, student_out, teacher_outs) -> torch.Tensor:
+        if self.scale == "mse":
+            return F.mse_loss(student_out, teacher_outs[0])
+        conditional, unconditional = teacher_outs
+        signal = per_sample(conditional - unconditional).clamp_min(1e-12)
+        return (per_sample(student_out - conditional) / signal).mean()
 
 
 class NeighborPreservation(RetainReplay):
@@ -101,7 +199,7 @@ class ParameterAnchor(nn.Module):
 # `latents`, reference_embeds from the prompt group `reference`, row for row.
 
 
-class ESD(nn.Module):
+class ESD(DistillationLoss):
     """Erased Stable Diffusion, the teacher being ESD's frozen copy F:
 
     `target = eps(F, x_t, t, "") - eta (eps(F, x_t, t, c) - eps(F, x_t, t, ""))` (negative
@@ -116,16 +214,16 @@ class ESD(nn.Module):
         super().__init__()
         self.noise_scheduler, self.eta, self.draw = noise_scheduler, eta, draw
 
-    def forward(self, student, teacher, z0, forget_embeds, empty_embeds) -> torch.Tensor:
+    def rows(self, z0, forget_embeds, empty_embeds) -> Rows:
         x_t, t = noised(self.noise_scheduler, z0, self.noise_scheduler.config.num_train_timesteps, self.draw)
-        with torch.no_grad():
-            unconditional = teacher(x_t, t, empty_embeds).float()
-            conditional = teacher(x_t, t, forget_embeds).float()
-            target = unconditional - self.eta * (conditional - unconditional)
-        return F.mse_loss(student(x_t, t, forget_embeds).float(), target)
+        return Rows(x_t, t, forget_embeds, [empty_embeds, forget_embeds])
+
+    def loss(self, student_out, teacher_outs) -> torch.Tensor:
+        unconditional, conditional = teacher_outs
+        return F.mse_loss(student_out, unconditional - self.eta * (conditional - unconditional))
 
 
-class ConceptAblation(nn.Module):
+class ConceptAblation(DistillationLoss):
     """Model-based concept ablation: the concept's prompt predicts what its anchor prompt does.
 
     `L = || eps(S, x_t, t, p_f) - sg eps(T, x_t, t, p_a) ||^2` on the teacher's latents of the
@@ -140,9 +238,12 @@ class ConceptAblation(nn.Module):
         super().__init__()
         self.noise_scheduler, self.draw = noise_scheduler, draw
 
-    def forward(self, student, teacher, z0, forget_embeds, anchor_embeds) -> torch.Tensor:
+    def rows(self, z0, forget_embeds, anchor_embeds) -> Rows:
         x_t, t = noised(self.noise_scheduler, z0, self.noise_scheduler.config.num_train_timesteps, self.draw)
-        return distill_loss(student, teacher, x_t, t, forget_embeds, anchor_embeds)
+        return Rows(x_t, t, forget_embeds, [anchor_embeds])
+
+    def loss(self, student_out, teacher_outs) -> torch.Tensor:
+        return F.mse_loss(student_out, teacher_outs[0])
 
 
 # ---------------------------------------------------------------- add-on regularisers

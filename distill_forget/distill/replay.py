@@ -19,12 +19,28 @@ from distill_forget.distill.networks import Condition, Denoiser
 
 
 class TeacherSampler:
-    """DDIM sampling with the teacher: no classifier-free guidance, batched, no gradients."""
+    """DDIM sampling with the teacher, batched, no gradients.
 
-    def __init__(self, teacher: Denoiser, scheduler_config, steps: int, chunk: int):
-        self.teacher, self.steps, self.chunk = teacher, steps, chunk
+    `guidance` 1: the teacher's plain conditional trajectories (one evaluation per step). Above
+    1: classifier-free guidance with the `empty` prompt's condition, the trajectories a deployed
+    sampler follows, for twice the evaluations.
+    """
+
+    def __init__(self, teacher: Denoiser, scheduler_config, steps: int, chunk: int, guidance: float = 1.0, empty=None):
+        if guidance != 1.0 and empty is None:
+            raise ValueError("TeacherSampler: guidance other than 1 needs the empty prompt's condition")
+        self.teacher, self.steps, self.chunk, self.guidance, self.empty = teacher, steps, chunk, guidance, empty
         self.scheduler = DDIMScheduler.from_config(scheduler_config)
         self.evaluations = 0  # the share of the teacher's evaluations spent on sampling
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The teacher's (guided) prediction for one DDIM step."""
+        t = t.expand(x.shape[0])
+        if self.guidance == 1.0:
+            return self.teacher(x, t, condition)
+        empty = self.empty.to(condition.device)[[0] * len(x)]
+        unconditional, conditional = self.teacher(torch.cat([x, x]), torch.cat([t, t]), Condition.cat([empty, condition])).chunk(2)
+        return unconditional + self.guidance * (conditional - unconditional)
 
     def sample(self, condition: Condition, generator: torch.Generator) -> torch.Tensor:
         """One z0 per row of `condition`; the starting noise comes from `generator` (CPU)."""
@@ -41,9 +57,9 @@ class TeacherSampler:
             x = latents[start : start + self.chunk]
             embeds = condition[start : start + self.chunk]
             for t in self.scheduler.timesteps:
-                eps = self.teacher(self.scheduler.scale_model_input(x, t), t.expand(x.shape[0]), embeds)
+                eps = self.predict(self.scheduler.scale_model_input(x, t), t, embeds)
                 x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
-            self.evaluations += x.shape[0] * len(self.scheduler.timesteps)
+            self.evaluations += x.shape[0] * len(self.scheduler.timesteps) * (1 if self.guidance == 1.0 else 2)
             out.append(x.float())
         return torch.cat(out) if out else latents.float()  # a rank's share may be empty
 
