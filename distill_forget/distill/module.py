@@ -227,7 +227,7 @@ class DistillForgetModule(L.LightningModule):
         if self.weights["forget"]:
             rows["forget"] = self.forget_rows()
         for group, size in self.replay_rows().items():
-            index, z0 = self.replay.batch(group, self.draw.local_size(size, f"the {group} replay's rows"))
+            index, z0 = self.replay.batch(group, self.draw.local_size(size, f"step.batch's {group} replay rows"))
             rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds.get("unconditional"))
         outputs = run_rows(self.student, self.teacher, rows) if rows else {}
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}

@@ -43,23 +43,19 @@ def run_rows(student: Denoiser, teacher: Denoiser, rows: dict[str, Rows]):
 
     Returns {name: (student output, [teacher outputs])}, in float32.
     """
-    def split(out: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-        return list(out.float().split(sizes))
 
-    queries = [(r.x_t, r.t, c) for r in rows.values() for c in r.teacher]
+    def call(network: Denoiser, queries: list[tuple]) -> list[torch.Tensor]:
+        """One network call on the concatenated (x_t, t, condition) queries; one output each."""
+        x_t, t, condition = (torch.cat([q[0] for q in queries]), torch.cat([q[1] for q in queries]),
+                             Condition.cat([q[2] for q in queries]))  # fmt: skip
+        return list(network(x_t, t, condition).float().split([len(q[0]) for q in queries]))
+
     with torch.no_grad():
-        taught = split(
-            teacher(torch.cat([q[0] for q in queries]), torch.cat([q[1] for q in queries]), Condition.cat([q[2] for q in queries])),
-            [len(q[0]) for q in queries],
-        )
-    learnt = split(
-        student(torch.cat([r.x_t for r in rows.values()]), torch.cat([r.t for r in rows.values()]), Condition.cat([r.student for r in rows.values()])),
-        [len(r.x_t) for r in rows.values()],
-    )
+        taught = call(teacher, [(r.x_t, r.t, c) for r in rows.values() for c in r.teacher])
+    learnt = call(student, [(r.x_t, r.t, r.student) for r in rows.values()])
     out = {}
     for (name, r), student_out in zip(rows.items(), learnt):
-        out[name] = (student_out, taught[: len(r.teacher)])
-        taught = taught[len(r.teacher) :]
+        out[name], taught = (student_out, taught[: len(r.teacher)]), taught[len(r.teacher) :]
     return out
 
 
@@ -90,7 +86,6 @@ class DistillationLoss(nn.Module):
         """The loss on one micro-batch, the networks run on its rows alone."""
         student_out, teacher_outs = run_rows(student, teacher, {"loss": self.rows(z0, *conditions)})["loss"]
         return self.loss(student_out, teacher_outs)
-
 
 
 class ForgetMapping(DistillationLoss):
