@@ -119,17 +119,17 @@ class DistillForgetModule(L.LightningModule):
         }
         self.embeds: dict[str, Condition] = {}
         self.sampler, self.replay, self.replay_seconds = None, None, 0.0
+        self.local_rows: dict[str, int] = {}  # this rank's rows per replay group, set at fit start
         self.last_losses: dict[str, float] = {}
 
     def setup(self, stage: str = "fit") -> None:
         # Every prompt of the step is encoded once here, never per batch.
         if not self.embeds:
-            groups = self.groups.as_dict()
+            groups = {name: prompts for name, prompts in self.groups.as_dict().items() if prompts}
+            groups["unconditional"] = [""]  # the empty prompt, one row: guided sampling, relative replays, ESD
+            self.embeds = {name: self.encoder(prompts).to("cpu") for name, prompts in groups.items()}
             if self.objectives["forget"].reference == "empty":  # ESD's unconditional branch, row for row
-                groups["empty"] = [""] * len(groups["forget"])
-            if self.cfg.loss_scale == "relative":  # the replays' unconditional branch, one row
-                groups["unconditional"] = [""]
-            self.embeds = {name: self.encoder(prompts).to("cpu") for name, prompts in groups.items() if prompts}
+                self.embeds["empty"] = self.embeds["unconditional"][[0] * len(self.embeds["forget"])]
 
     def on_fit_start(self) -> None:
         self.teacher.unet.to(self.device)
@@ -138,7 +138,7 @@ class DistillForgetModule(L.LightningModule):
         cfg = self.cfg
         batch = cfg.replay.sampling_batch
         guidance = cfg.replay.guidance
-        empty = self.encoder([""]).to(self.device) if guidance != 1.0 else None
+        empty = self.embeds["unconditional"] if guidance != 1.0 else None
         self.sampler = TeacherSampler(self.teacher, self.scheduler_config, cfg.sampling_steps, batch, guidance, empty)
         # Teacher latents only for the groups a weighted loss reads (naive methods sample no replay).
         needed = {g for g in ("retain", "neighbor", "forgotten") if self.weights[g]}
@@ -148,8 +148,8 @@ class DistillForgetModule(L.LightningModule):
         ranks = current_ranks()  # the process group Lightning runs in (one process without one)
         self.draw.rank, self.draw.world = ranks.rank, ranks.world
         self.draw.local_size(cfg.batch)  # a clear error now for a batch that does not split over the ranks
-        for group, rows in self.replay_rows().items():  # and for replay rows that do not
-            self.draw.local_size(rows, f"step.batch's {group} replay rows")
+        # This rank's rows per replay group, once per request (and a clear error for rows that do not split).
+        self.local_rows = {g: self.draw.local_size(n, f"step.batch's {g} replay rows") for g, n in self.replay_rows().items()}
         self.replay = make_replay(cfg.replay, self.sampler, sampled, cfg.seed, self.draw)
         started = time.time()
         if cfg.replay.mode == "bank" and ranks.is_main:
@@ -226,9 +226,9 @@ class DistillForgetModule(L.LightningModule):
         rows = {}
         if self.weights["forget"]:
             rows["forget"] = self.forget_rows()
-        for group, size in self.replay_rows().items():
-            index, z0 = self.replay.batch(group, self.draw.local_size(size, f"step.batch's {group} replay rows"))
-            rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds.get("unconditional"))
+        for group, size in self.local_rows.items():
+            index, z0 = self.replay.batch(group, size)
+            rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"])
         outputs = run_rows(self.student, self.teacher, rows) if rows else {}
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
