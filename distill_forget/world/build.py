@@ -1,4 +1,4 @@
-"""Train the embedded MiniCanvas model (VAE, text encoder, UNet) and its judge from scratch.
+"""Train the embedded MiniCanvas model (VAE, UNet; the text encoder is frozen) and its judge from scratch.
 
     python -m distill_forget.world.build [out=DIR] [stage=all|vae|judge|unet] [key=value ...]
 
@@ -171,7 +171,7 @@ def train_judge(cfg, work: Path, vae):
     return judge, figures
 
 
-# ---------------------------------------------------------------- UNet + text encoder
+# ---------------------------------------------------------------- UNet (text encoder frozen)
 
 
 def training_prompt(rng: np.random.Generator, obj: str, style: str, ucfg) -> str:
@@ -202,13 +202,14 @@ def cached_latents(cfg, work: Path, vae):
 
 
 def train_unet(cfg, work: Path, vae, tokenizer):
+    """Train the UNet; the text encoder stays frozen at its seeded initialisation."""
     ucfg = cfg.unet
     cache = cached_latents(cfg, work, vae)
     latents, pairs = cache["latents"], cache["pairs"]
     torch.manual_seed(cfg.seed)
-    unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer)).requires_grad_(False).eval()
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=ucfg.lr, weight_decay=1e-2)
     scheduler = training_scheduler()
     alphas = scheduler.alphas_cumprod
@@ -217,7 +218,7 @@ def train_unet(cfg, work: Path, vae, tokenizer):
     ckpt_path = work / "unet_checkpoint.pt"
     if ckpt_path.exists():
         state = torch_load(ckpt_path, "UNet checkpoint")
-        for module, key in [(unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")]:
+        for module, key in [(unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet")]:
             module.load_state_dict(state[key])
         opt.load_state_dict(state["opt"])
         step = state["step"]
@@ -231,10 +232,12 @@ def train_unet(cfg, work: Path, vae, tokenizer):
         z0 = latents[idx]
         prompts = [training_prompt(rng, *pairs[i], ucfg) for i in idx.tolist()]
         ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            text = text_encoder(ids)[0]
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=gen)
         x_t = scheduler.add_noise(z0, noise, t)
-        pred = unet(x_t, t, text_encoder(ids)[0]).sample
+        pred = unet(x_t, t, text).sample
         weight = torch.clamp(snr[t], max=ucfg.min_snr_gamma) / snr[t]  # min-SNR weighting
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -246,17 +249,15 @@ def train_unet(cfg, work: Path, vae, tokenizer):
         opt.step()
         with torch.no_grad():
             decay = min(ucfg.ema_decay, (1 + step) / (10 + step))
-            for ema, live in [(ema_unet, unet), (ema_text, text_encoder)]:
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - decay)
+            torch._foreach_lerp_(list(ema_unet.parameters()), params, 1 - decay)
         progress.update(step, loss=loss.item())
         if step % ucfg.checkpoint_every == 0 or step == ucfg.steps:
             torch_save(
                 {"unet": unet.state_dict(), "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
-                 "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step},
+                 "opt": opt.state_dict(), "step": step},
                 ckpt_path,
             )  # fmt: skip
-    return ema_unet.eval(), ema_text.eval()
+    return ema_unet.eval(), text_encoder
 
 
 # ---------------------------------------------------------------- main

@@ -47,10 +47,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    # Frozen at its seeded initialisation during training, as SD freezes CLIP: random token
+    # embeddings in 256 dimensions keep every concept on its own direction. A 64-wide encoder
+    # trained with the UNet packed the 12 objects into ~4 directions (`star` anti-parallel to
+    # `circle`), so no cross-attention edit could move one object without dragging others.
     config = CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=256,
+        intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS,
@@ -71,7 +75,7 @@ def build_unet() -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(64, 96, 128),
         layers_per_block=1,
-        cross_attention_dim=64,
+        cross_attention_dim=256,
         attention_head_dim=8,
         norm_num_groups=16,
     )
