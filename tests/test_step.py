@@ -20,7 +20,7 @@ from distill_forget.distill.objectives import (
 from distill_forget.distill.module import TRAINABLE
 from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.step import RECORD_FILE, build_module, make_trainer, plan_prompts, run_step, step_indices
-from distill_forget.distill.targets import score_distance
+from distill_forget.distill.targets import choose_targets, score_distance
 from distill_forget.pipelines import load_pipeline
 from distill_forget.requests import Request, RequestFileError, check_minicanvas, load_requests
 from distill_forget.world import concepts
@@ -282,6 +282,22 @@ def test_score_distance_is_zero_for_identical_prompts_and_symmetric(networks):
 
 
 # ---------------------------------------------------------------- the Lightning module
+
+
+def test_score_targets_per_prompt_or_one_for_the_request():
+    # hand-made distances: prompt A is closest to "b", B and C to "a"; on average "c" is closest
+    table = {"A dots": [5.0, 0.0, 1.0], "B dots": [0.0, 6.0, 1.0], "C dots": [0.0, 6.0, 1.0]}
+
+    def distances(prompt, _candidates):
+        return torch.tensor(table[prompt])
+
+    prompts = list(table)
+    per_prompt, record = choose_targets("score", prompts, "dots", ["a", "b", "c"], 0, distances, scope="prompt")
+    assert per_prompt == ["b", "a", "a"] and record["scope"] == "prompt"
+    per_request, record = choose_targets("score", prompts, "dots", ["a", "b", "c"], 0, distances, scope="request")
+    assert per_request == ["c", "c", "c"] and record["counts"] == {"c": 3}
+    with pytest.raises(ValueError, match="target.scope"):
+        choose_targets("score", prompts, "dots", ["a"], 0, distances, scope="sentence")
 
 
 @pytest.mark.parametrize("mode", list(TRAINABLE))

@@ -100,7 +100,9 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
 
     if cfg.target.mode == "fixed":
         candidates = [request.targets[0] if request.targets else cfg.target.fixed]
-    targets, target_record = choose_targets(cfg.target.mode, forget, request.concept, candidates, cfg.seed, distances)
+    targets, target_record = choose_targets(
+        cfg.target.mode, forget, request.concept, candidates, cfg.seed, distances, cfg.target.scope
+    )
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
 

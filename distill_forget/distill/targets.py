@@ -15,6 +15,7 @@ from distill_forget.distill.prompts import replace_concept
 from distill_forget.world.model import training_scheduler
 
 TARGET_MODES = ("fixed", "contextual", "score")
+TARGET_SCOPES = ("request", "prompt")
 NEIGHBOR_MODES = ("request", "score", "text")
 
 
@@ -81,15 +82,20 @@ def choose_targets(
     candidates: list[str],
     seed: int,
     distances: ScoreDistances | None = None,
+    scope: str = "request",
 ):
     """The replacement of `concept` in each forget prompt, and a record of the choice.
 
     fixed: the first candidate everywhere; contextual: candidates spread evenly over the
-    prompts in a seeded order; score: per prompt, the candidate whose sentence is closest in
-    score distance, the replacement that changes the teacher's score field least.
+    prompts in a seeded order; score: the candidate whose sentence is closest in score
+    distance, the replacement that changes the teacher's score field least -- per prompt
+    (scope `prompt`, as published) or one for the whole request, closest on average over
+    its forget prompts (scope `request`: the concept is mapped the same way in every context).
     """
     if mode not in TARGET_MODES:
         raise ValueError(f"target.mode must be one of {TARGET_MODES} (got {mode!r})")
+    if scope not in TARGET_SCOPES:
+        raise ValueError(f"target.scope must be one of {TARGET_SCOPES} (got {scope!r})")
     if not candidates:
         raise ValueError(f"no target candidates for {concept!r}")
     record = {"mode": mode, "candidates": list(candidates)}
@@ -101,11 +107,13 @@ def choose_targets(
         for rank, i in enumerate(order):
             targets[i] = candidates[rank % len(candidates)]
     else:
-        targets, record["distances"] = [], []
-        for prompt in forget_prompts:
-            d = distances(prompt, [replace_concept(prompt, concept, c) for c in candidates])
-            targets.append(candidates[int(d.argmin())])
-            record["distances"].append({c: round(float(v), 6) for c, v in zip(candidates, d)})
+        record["scope"] = scope
+        per_prompt = [distances(p, [replace_concept(p, concept, c) for c in candidates]) for p in forget_prompts]
+        record["distances"] = [{c: round(float(v), 6) for c, v in zip(candidates, d)} for d in per_prompt]
+        if scope == "prompt":
+            targets = [candidates[int(d.argmin())] for d in per_prompt]
+        else:
+            targets = [candidates[int(sum(per_prompt).argmin())]] * len(forget_prompts)
     counts = {c: targets.count(c) for c in candidates}
     record["counts"] = {c: n for c, n in counts.items() if n}
     return targets, record
