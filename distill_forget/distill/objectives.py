@@ -51,12 +51,9 @@ def run_rows(student: Denoiser, teacher: Denoiser, rows: dict[str, Rows]):
         return list(network(x_t, t, condition).float().split([len(q[0]) for q in queries]))
 
     with torch.no_grad():
-        taught = call(teacher, [(r.x_t, r.t, c) for r in rows.values() for c in r.teacher])
+        taught = iter(call(teacher, [(r.x_t, r.t, c) for r in rows.values() for c in r.teacher]))
     learnt = call(student, [(r.x_t, r.t, r.student) for r in rows.values()])
-    out = {}
-    for (name, r), student_out in zip(rows.items(), learnt):
-        out[name], taught = (student_out, taught[: len(r.teacher)]), taught[len(r.teacher) :]
-    return out
+    return {name: (out, [next(taught) for _ in r.teacher]) for (name, r), out in zip(rows.items(), learnt)}
 
 
 def per_sample(difference: torch.Tensor) -> torch.Tensor:
