@@ -11,6 +11,7 @@ same run folder skips finished requests (their weights verified against the ledg
 resumes the unfinished one from its last Lightning checkpoint.
 """
 
+import dataclasses
 import json
 import shutil
 import time
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 from callbacks import WandbReport
 from distill_forget.config import load_config, resolve_model_dir
 from distill_forget.distributed import Ranks
-from distill_forget.distill.step import run_step, save_student
+from distill_forget.distill.step import RECORD_FILE, run_step, save_student
 from distill_forget.evaluate import evaluate_pipeline, load_judge, retained_quality, save_grid_png
 from distill_forget.ledger import Ledger, LedgerError, step_dir, utc_now, weights_hash
 from distill_forget.merging import MERGE_METHODS, merge_states, unet_state
@@ -60,17 +61,27 @@ def save_changed_weights(teacher_dir: Path, student_dir: Path, path: Path) -> in
 
 
 def prepare_run_dir(cfg, requests_path: Path, run_dir: Path, write: bool = True) -> None:
-    """Save the merged config and the request file (when `write`: rank 0); refuse a run folder made for other requests."""
+    """Save the merged config and the request file (when `write`: rank 0).
+
+    A run folder continues with the request file it was started with, or with that file's
+    requests followed by new ones (requests keep coming: append them and rerun); any other
+    request file is refused.
+    """
     saved = run_dir / "requests.yaml"
-    if saved.exists() and saved.read_text() != requests_path.read_text():
-        raise SystemExit(
-            f"{run_dir} was started with other requests ({saved} differs from {requests_path}); "
-            "use another run_dir, or the same request file to resume"
-        )
+    appended = saved.exists() and saved.read_text() != requests_path.read_text()
+    if appended:
+        before, now = load_requests(saved), load_requests(requests_path)
+        if now[: len(before)] != before:
+            raise SystemExit(
+                f"{run_dir} was started with other requests ({saved} is not the beginning of {requests_path}); "
+                "use another run_dir, or a request file that keeps those requests first, in order"
+            )
+        if write:
+            print(f"run {run_dir}: {len(now) - len(before)} request(s) appended to the {len(before)} it was started with", flush=True)
     if not write:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not saved.exists():
+    if not saved.exists() or appended:
         with atomic_file(saved) as tmp:
             shutil.copyfile(requests_path, tmp)
     with atomic_file(run_dir / "config.yaml") as tmp:
@@ -210,6 +221,16 @@ def main(argv=None) -> None:
         f"ledger {ledger.path} (check it with: python -m distill_forget.ledger {run_dir})")  # fmt: skip
 
 
+def as_carried_out(run_dir: Path, earlier: list) -> list:
+    """Earlier requests with the neighbours their steps chose (read from each step's record,
+    which every process can read), so later steps keep replaying them."""
+    carried_out = []
+    for index, request in enumerate(earlier, start=1):
+        record = json.loads((step_dir(run_dir, index, request.concept) / "pipeline" / RECORD_FILE).read_text())
+        carried_out.append(dataclasses.replace(request, neighbors=list(record["neighbors"]["chosen"])))
+    return carried_out
+
+
 def run_request(cfg, index, request, requests, teacher_dir, folder, records, judge, device, model_dir,
                 ranks=Ranks(), report=None) -> dict | None:  # fmt: skip
     """One request on every rank; its ledger record on rank 0, None on the others."""
@@ -219,6 +240,8 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
     t0 = time.time()
     pipeline_dir = folder / "pipeline"
     earlier = requests[: index - 1]
+    if cfg.setting == "sequential":
+        earlier = as_carried_out(folder.parent.parent, earlier)
     merging = cfg.merge.method != "none"  # the student is then one of the models merged into pipeline_dir
     student_dir = folder / "independent" if merging else pipeline_dir
     step_record = run_step(

@@ -15,6 +15,7 @@ from distill_forget.distill.objectives import (
     NeighborPreservation,
     ParameterAnchor,
     RetainReplay,
+    UnconditionalReplay,
     noised,
 )
 from distill_forget.distill.module import TRAINABLE
@@ -147,6 +148,20 @@ def test_prompts_avoid_the_eval_template_and_held_out_concepts():
     assert "circle" not in seen and all("circle" in mentioned(p) for p in groups.forgotten)
 
 
+def test_neighbours_of_earlier_requests_stay_replayed():
+    request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", neighbors=["ring"])
+    _, without = plan_prompts(request, [earlier], fast_cfg("retain.earlier_neighbors=false"), distances=None, encoder=None)
+    assert "ring" in without["held_out_concepts"]  # held out by the seeded draw
+    groups, plan = plan_prompts(request, [earlier], fast_cfg(), distances=None, encoder=None)
+    assert "ring" in plan["retain_replayed"] and "ring" not in plan["held_out_concepts"]
+    assert any("ring" in mentioned(p) for p in groups.retain)
+
+    real = Request("van gogh", "style", prompts=["a tree by van gogh"], neighbors=["monet"])
+    groups, _ = plan_prompts(Request("picasso", "style", prompts=["a cat by picasso"], neighbors=["braque"]), [real],
+                             fast_cfg("world=none", "retain.prompts=[a dog]"), distances=None, encoder=None)  # fmt: skip
+    assert groups.retain == ["a dog", "a tree by monet"]
+
+
 def test_real_model_neighbours_come_from_the_concept_bank(tmp_path):
     bank = tmp_path / "bank.yaml"
     bank.write_text("style: [Claude Monet, Van Gogh, Rembrandt, pixel art]\nobject: [dog]\n")
@@ -192,7 +207,8 @@ def test_each_objective_is_zero_when_student_equals_teacher(networks):
     retain = encoder(["a ring in neon style", "a square in dots style"])
     forget, mapped = encoder(["a star in mosaic style"] * 2), encoder(["a star in sketch style"] * 2)
     draw = GlobalBatch(seed=0)
-    for objective in (RetainReplay(scheduler, draw), NeighborPreservation(scheduler, draw), ForgottenReplay(scheduler, draw)):
+    for objective in (RetainReplay(scheduler, draw), NeighborPreservation(scheduler, draw), ForgottenReplay(scheduler, draw),
+                      UnconditionalReplay(scheduler, draw)):  # fmt: skip
         assert objective(student, teacher, z0, retain).item() == 0.0
     assert ParameterAnchor()(student_unet, teacher.unet).item() == 0.0
     assert ForgetMapping(scheduler, 600, draw)(student, teacher, z0, forget, mapped).item() > 0.0
@@ -327,7 +343,23 @@ def test_teacher_never_changes_and_stays_out_of_the_checkpoint(tiny_pipeline_dir
     changed = {n for n, p in module.unet.named_parameters() if not torch.equal(p.detach().cpu(), student_before[n])}
     assert changed and all(".attn2." in n for n in changed)
     assert all(key.startswith("unet.") for key in module.state_dict())
-    assert module.student.evaluations == 3 * 3 * cfg.batch  # 3 steps x (forget, retain, neighbour) x batch
+    assert module.student.evaluations == 3 * 4 * cfg.batch  # 3 steps x (forget, retain, empty prompt, neighbour) x batch
+
+
+def test_the_empty_prompt_is_replayed_on_the_retain_rows(tiny_pipeline_dir):
+    def losses(*extra):
+        module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg(*extra))
+        module.setup("fit")
+        module.on_fit_start()
+        return module, module.losses()
+
+    module, before = losses()
+    assert before["unconditional"].item() == 0.0  # the student is the teacher
+    with torch.no_grad():  # cross-attention reads the empty prompt's tokens too
+        next(p for n, p in module.unet.named_parameters() if ".attn2.to_v." in n).add_(0.05)
+    assert module.losses()["unconditional"].item() > 0.0
+    assert "unconditional" not in losses("retain.unconditional=false")[1]
+    assert "unconditional" not in losses("lambda_r=0")[1]  # the baselines' "no replay"
 
 
 def test_forgotten_replay_takes_retain_rows_so_every_request_trains_as_many_rows(tiny_pipeline_dir):
@@ -358,8 +390,9 @@ def test_short_run_step_writes_a_stock_pipeline_folder(tiny_pipeline_dir, tmp_pa
     assert record["steps"] == 2 and set(record["final_losses"]) >= {"forget", "retain", "neighbor", "forgotten", "reg"}
     assert len(record["neighbors"]["chosen"]) == cfg.neighbors.top_k
     assert set(record["targets"]["counts"]) <= set(concepts.STYLES) - {"dots"} - set(record["neighbors"]["chosen"])
-    # per step: a batch each for forget and neighbour, and one shared by retain and forgotten
-    assert record["evaluations"]["student"] == 2 * 3 * cfg.batch
+    # per step: a batch each for forget and neighbour, one shared by retain and forgotten, and
+    # the empty prompt on the retain rows (half a batch once the forgotten replay takes the rest)
+    assert record["evaluations"]["student"] == 2 * (3 * cfg.batch + cfg.batch // 2)
     sampling = record["evaluations"]["teacher_sampling"]
     groups = 4  # forget, retain, neighbour, forgotten: a bank each
     if replay_mode == "bank":

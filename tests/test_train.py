@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from distill_forget.ledger import Ledger
+from distill_forget.train import prepare_run_dir
 
 FAST = [
     "threads=1", "step.steps=12", "step.checkpoint_every=2", "step.replay.bank_size=4", "step.sampling_steps=2",
@@ -111,3 +112,19 @@ def test_default_command_smoke_on_the_shipped_model(tmp_path):
     assert "all 2 requests done" in out
     assert len(Ledger(run_dir / "ledger.jsonl").verify()) == 2
     assert (run_dir / "report.md").is_file() and (run_dir / "metrics.png").is_file()
+
+
+def test_a_run_folder_continues_with_appended_requests_and_refuses_others(tmp_path, two_requests):
+    run_dir, cfg = tmp_path / "run", {"setting": "sequential"}
+    first = tmp_path / "first.yaml"
+    first.write_text("requests:\n  - {concept: dots, kind: style}\n")
+    prepare_run_dir(cfg, first, run_dir)
+    prepare_run_dir(cfg, two_requests, run_dir)  # `star` appended after `dots`
+    assert (run_dir / "requests.yaml").read_text() == two_requests.read_text()
+    with pytest.raises(SystemExit, match="not the beginning of"):
+        prepare_run_dir(cfg, first, run_dir)  # a request dropped
+    reordered = tmp_path / "reordered.yaml"
+    reordered.write_text("requests:\n  - {concept: star, kind: object}\n  - {concept: dots, kind: style}\n")
+    with pytest.raises(SystemExit, match="not the beginning of"):
+        prepare_run_dir(cfg, reordered, run_dir)
+    assert (run_dir / "requests.yaml").read_text() == two_requests.read_text()  # nothing overwritten

@@ -23,6 +23,7 @@ from distill_forget.distill.objectives import (
     RetainReplay,
     Rows,
     StartingPointPenalty,
+    UnconditionalReplay,
     run_rows,
 )
 from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask
@@ -95,6 +96,7 @@ class DistillForgetModule(L.LightningModule):
                 "retain": RetainReplay(noise_scheduler, self.draw, cfg.loss_scale),
                 "neighbor": NeighborPreservation(noise_scheduler, self.draw, cfg.loss_scale),
                 "forgotten": ForgottenReplay(noise_scheduler, self.draw, cfg.loss_scale),
+                "unconditional": UnconditionalReplay(noise_scheduler, self.draw),
                 "reg": ParameterAnchor(),
                 "l1sp": StartingPointPenalty(1),
                 "l2sp": StartingPointPenalty(2),
@@ -113,6 +115,8 @@ class DistillForgetModule(L.LightningModule):
             "retain": cfg.lambda_r,
             "neighbor": cfg.lambda_n,
             "forgotten": cfg.lambda_forgotten,
+            # the empty prompt is retained with the retain prompts' weight (`retain.unconditional`)
+            "unconditional": cfg.lambda_r if cfg.retain.unconditional else 0.0,
             "reg": cfg.lambda_reg,
             "l1sp": regs.l1sp.weight,
             "l2sp": regs.l2sp.weight,
@@ -229,6 +233,9 @@ class DistillForgetModule(L.LightningModule):
         for group, size in self.local_rows.items():
             index, z0 = self.replay.batch(group, size)
             rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"])
+        carrier = next((g for g in ("retain", "neighbor") if g in rows), None)
+        if self.weights["unconditional"] and carrier is not None:
+            rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], self.embeds["unconditional"])
         outputs = run_rows(self.student, self.teacher, rows) if rows else {}
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
@@ -260,7 +267,7 @@ class DistillForgetModule(L.LightningModule):
         for name, loss in losses.items():
             self.log(f"loss/{name}", loss, prog_bar=name != "reg")
         self.log("loss/total", total)
-        self.last_losses = {name: float(loss) for name, loss in {**losses, "total": total}.items()}
+        self.last_losses = {name: float(loss.detach()) for name, loss in {**losses, "total": total}.items()}
         return total
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -157,6 +157,25 @@ class NeighborPreservation(RetainReplay):
     """
 
 
+class UnconditionalReplay(RetainReplay):
+    """L_unconditional: retain replay of the empty prompt, at the retain rows' noisy latents
+    (the neighbour rows' when there is no retain replay).
+
+    Classifier-free guidance, `eps_u + w (eps_c - eps_u)`, subtracts the empty prompt's output
+    `(w - 1)` times from every prompt's: cross-attention training moves it too, and a drift
+    there changes every guided image, retained or not. Always a mean squared difference (the
+    empty prompt has no conditional signal to scale by).
+    """
+
+    def __init__(self, noise_scheduler, draw: GlobalBatch):
+        super().__init__(noise_scheduler, draw, "mse")
+
+    def on_rows(self, rows: Rows, empty: Condition) -> Rows:
+        """The empty prompt's rows at the same noisy latents and timesteps as `rows`."""
+        condition = empty[[0] * len(rows.x_t)]
+        return Rows(rows.x_t, rows.t, condition, [condition])
+
+
 class ForgottenReplay(RetainReplay):
     """L_forgotten: retain replay on prompts of concepts forgotten by earlier requests.
 

@@ -56,6 +56,9 @@ def as_request(item: Request | str, world: str) -> Request:
 def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: ScoreDistances, encoder: PromptEncoder):
     """The step's prompt groups, and a record of every choice made to build them."""
     gone = {request.concept, *(f.concept for f in forgotten)}
+    # Neighbours of earlier requests stay replayed (`retain.earlier_neighbors`): they were the
+    # first damaged then, and nothing else would hold them now.
+    earlier_neighbors = [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
     if cfg.world == "minicanvas":
         pool = {c: concept_prompt(c, request.kind) for c in world_concepts(request.kind) if c not in gone}
         concept_text = concept_prompt(request.concept, request.kind)
@@ -69,7 +72,7 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
     if cfg.world == "minicanvas":
         replayable = replayable_concepts(cfg.retain.replay_fraction, cfg.seed)
         retained = [c for c in concepts.OBJECTS + concepts.STYLES if c not in gone]
-        retain_replayed = [c for c in retained if c in replayable and c not in neighbors]
+        retain_replayed = [c for c in retained if (c in replayable or c in earlier_neighbors) and c not in neighbors]
 
         def context(kind: str) -> list[str]:
             # Forget and neighbour prompts pair a concept with replayed concepts only, so a
@@ -93,6 +96,8 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
             raise RequestFileError(f"{where}: field 'prompts' is required when world={cfg.world!r}")
         forget = list(request.prompts)
         retain = list(cfg.retain.prompts)
+        retain += [replace_concept(p, f.concept, n) for f in forgotten for n in f.neighbors if n in earlier_neighbors
+                   for p in (f.prompts or [f.concept])]  # fmt: skip
         neighbor = [replace_concept(p, request.concept, n) for n in neighbors for p in forget]
         forgotten_prompts = [p for f in forgotten for p in (f.prompts or [f.concept])]
         candidates = request.targets or [""]
