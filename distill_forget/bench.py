@@ -1,21 +1,24 @@
 """Unlearning methods compared on one request sequence.
 
-    python -m distill_forget.bench [config=bench-quick] [methods=[distill,esd-x]] [out=DIR] [KEY=VALUE ...]
+    python -m distill_forget.bench [config=bench-quick] [methods=[distill,esd-x]] [out=DIR] [jobs=N] [KEY=VALUE ...]
 
 Each method is a named file of settings, `configs/methods/<name>.yaml` (step settings under
 `step:`, the loop's `setting:` and `merge:`). Every method runs the loop `python -m distill_forget.train`
 over the same requests in its own run folder `OUT/<method>/`, evaluated after every request
 with the same prompts, seeds and judge (methods may not change the evaluation; the starting
 model is evaluated once and shared). Arguments that are not bench settings (`step.steps=50`,
-`evaluate.seeds=[0]`, ...) go to every method's loop, after the bench config's `train`
-arguments and the method's own settings. Writes OUT/bench.json, OUT/bench.md and OUT/bench.png: final
+`evaluate.seeds=[0]`, ...) go to every method's loop, after the method's own settings and
+the bench config's `train` arguments (so they override both). With `jobs` above 1, that many
+methods run at a time, each loop in its own process. Writes OUT/bench.json, OUT/bench.md and OUT/bench.png: final
 values and per-request curves of UA / IRA / CRA / NRA / quality / cumulative cost. Rerunning
 the same command reuses finished requests (the loop skips them, weights verified).
 """
 
 import json
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -99,19 +102,22 @@ def main(argv=None) -> None:
     cfg = load_config("bench", ours, __doc__)
     common = [f"requests={cfg.requests}", f"threads={cfg.threads}"]
     common += [f"{key}={value}" for key, value in (("model", cfg.model), ("judge", cfg.judge)) if value]
-    common += list(cfg.train)
     out = Path(cfg.out)
     if len(set(cfg.methods)) != len(cfg.methods):
         raise SystemExit(f"methods lists a method twice: {list(cfg.methods)}")
     methods = {m: load_method(m) for m in cfg.methods}  # every method file checked before any work,
-    arguments = {m: [*common, *method_args, *forwarded, f"run_dir={out / m}"] for m, (_, method_args) in methods.items()}
+    # the bench config's `train` and the command line's settings override the method's (config=bench-quick shortens all)
+    arguments = {m: [*common, *method_args, *cfg.train, *forwarded, f"run_dir={out / m}"] for m, (_, method_args) in methods.items()}
     for args in arguments.values():  # and every setting, by the loop's own config checks
         loop_cfg = load_config("train", args, sections=("step", "evaluate"))
         train.check_loop_settings(loop_cfg)
         if not loop_cfg.evaluate_every_step:
             raise SystemExit("the bench compares evaluations after every request: evaluate_every_step must stay true")
 
-    print(f"bench {out}: {len(methods)} methods on {cfg.requests}", flush=True)
+    print(f"bench {out}: {len(methods)} methods on {cfg.requests}, {cfg.jobs} at a time", flush=True)
+    if cfg.jobs > 1:
+        run_in_parallel(cfg, out, methods, arguments)
+        return
     summaries, first_run = {}, None
     for number, (method, (description, _)) in enumerate(methods.items(), start=1):
         run_dir, args = out / method, arguments[method]
@@ -121,15 +127,56 @@ def main(argv=None) -> None:
         train.main(args)
         first_run = first_run or run_dir
         summaries[method] = method_summary(method, description, run_dir, args)
-        write_bench(out, cfg.requests, summaries)  # after each method: partial results are readable
+        write_bench(out, cfg.requests, summaries, 1, cfg.threads)  # after each method: partial results are readable
+    print(f"\nbench done: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+
+
+def run_in_parallel(cfg, out: Path, methods: dict, arguments: dict) -> None:
+    """`jobs` methods at a time, each loop in its own process with `threads // jobs` threads.
+
+    The starting model is evaluated once first and shared; each method's output goes to
+    OUT/<method>/bench.log. Results are written as methods finish, in the order of `methods`.
+    """
+    threads = max(1, cfg.threads // cfg.jobs)
+    names = list(methods)
+    first_run = out / names[0]
+    if train.load_base(first_run) is None:
+        train.evaluate_base(arguments[names[0]])
+    for name in names[1:]:
+        share_base(first_run, out / name)
+    waiting, running, failed, summaries = list(names), {}, [], {}
+    while waiting or running:
+        while waiting and len(running) < cfg.jobs:
+            name = waiting.pop(0)
+            (out / name).mkdir(parents=True, exist_ok=True)
+            log = open(out / name / "bench.log", "a")
+            command = [sys.executable, "-m", "distill_forget.train", *arguments[name], f"threads={threads}"]
+            running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            print(f"[bench] {name} started ({methods[name][0]}); log {out / name / 'bench.log'}", flush=True)
+        time.sleep(1.0)
+        for name, (process, log, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            minutes = (time.time() - started) / 60
+            if process.returncode != 0:
+                failed.append(name)
+                print(f"[bench] {name} FAILED (exit {process.returncode}) after {minutes:.1f} min; see {out / name / 'bench.log'}", flush=True)
+                continue
+            print(f"[bench] {name} done in {minutes:.1f} min", flush=True)
+            summaries[name] = method_summary(name, methods[name][0], out / name, arguments[name])
+            write_bench(out, cfg.requests, {n: summaries[n] for n in names if n in summaries}, cfg.jobs, threads)
+    if failed:
+        raise SystemExit(f"bench: methods {failed} failed (their logs: OUT/<method>/bench.log); rerun to continue them")
     print(f"\nbench done: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
 
 
 # ---------------------------------------------------------------- results
 
 
-def write_bench(out: Path, requests: str, summaries: dict) -> None:
-    bench = {"requests": requests, "methods": summaries}
+def write_bench(out: Path, requests: str, summaries: dict, jobs: int = 1, threads: int | None = None) -> None:
+    bench = {"requests": requests, "jobs": jobs, "threads_per_method": threads, "methods": summaries}
     write_json(out / "bench.json", bench)
     with atomic_file(out / "bench.md") as tmp:
         tmp.write_text(format_markdown(bench))
@@ -149,7 +196,9 @@ def format_markdown(bench: dict) -> str:
         "# Unlearning methods compared",
         "",
         f"Requests: `{bench['requests']}`. Metrics in % after the last request (quality: Frechet distance,"
-        " lower is better); `-` is not measured. Per-request curves below and in `bench.png`.",
+        " lower is better); `-` is not measured. Per-request curves below and in `bench.png`."
+        f" Methods ran {bench.get('jobs', 1)} at a time, {bench.get('threads_per_method') or '-'} thread(s) each:"
+        " costs compare within this table.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -126,6 +126,16 @@ def evaluate_step(pipe_dir: Path, judge, cfg, sets: dict, out_dir: Path, device,
     return result
 
 
+def evaluate_base(argv) -> None:
+    """The starting model's evaluation alone, into RUN_DIR/base (the loop does it when it is missing)."""
+    cfg = load_config("train", argv, sections=("step", "evaluate"))
+    torch.set_num_threads(cfg.threads)
+    print(f"[base] evaluating the starting model", flush=True)
+    sets = {"forgotten": [], "replayed": None}
+    device = pick_device(cfg.evaluate.device)
+    evaluate_step(resolve_model_dir(cfg.model), load_judge(cfg.judge), cfg, sets, Path(cfg.run_dir) / "base", device, keep_images=True)
+
+
 def base_metrics_for(run_dir: Path, base: dict, judge, cfg, sets: dict, neighbors) -> dict:
     """The base model's metrics over a step's forgotten, neighbour and replayed sets."""
     matched = compute_metrics(base["judged"], judge.domains, sets["forgotten"], neighbors, sets["replayed"])["metrics"]

@@ -69,7 +69,9 @@ def test_esd_and_ablation_are_zero_exactly_when_nothing_is_to_be_learned(network
 def test_a_naive_method_trains_only_its_forget_objective_on_its_latents(tiny_pipeline_dir, objective, sampled, capsys):
     naive = ["lambda_r=0", "lambda_n=0", "lambda_forgotten=0", "lambda_reg=0"]
     cfg = load_config("step", [*FAST, f"forget_objective={objective}", *naive])
-    module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])
+    module, plan = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])
+    # ESD's negative guidance maps to no other prompt, so no target is chosen (and no distance computed for one)
+    assert (plan["targets"]["mode"] == "none (esd)") == (objective == "esd")
     make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
     assert set(module.last_losses) == {"forget", "total"} and module.last_losses["forget"] > 0
     assert list(module.replay.latents) == [sampled]  # no teacher sampling for the unweighted replays

@@ -28,7 +28,7 @@ def test_bench_writes_results_and_a_rerun_reuses_finished_runs(tiny_pipeline_dir
     judge, requests = random_judge, two_requests
     out = tmp_path / "bench"
     args = [f"model={tiny_pipeline_dir}", f"judge={judge}", f"requests={requests}", f"out={out}",
-            "methods=[distill,ablation-ties]", *FAST]  # fmt: skip
+            "methods=[distill,ablation-ties]", "jobs=1", *FAST]  # fmt: skip
 
     bench.main(args)
     first = capsys.readouterr().out
@@ -59,6 +59,18 @@ def test_bench_writes_results_and_a_rerun_reuses_finished_runs(tiny_pipeline_dir
     again = capsys.readouterr().out
     assert again.count("done before, weights verified") == 4  # 2 methods x 2 requests, none redone
     assert "forgetting" not in again and "[base] evaluating" not in again
+
+    # two methods at a time, each loop in its own process: the same results
+    parallel = tmp_path / "parallel"
+    bench.main([*args, f"out={parallel}", "jobs=2"])
+    log = capsys.readouterr().out
+    assert log.count("[base] evaluating the starting model") == 1 and log.count(" done in ") == 2
+    assert (parallel / "ablation-ties" / "bench.log").read_text().count("forgetting") == 2
+    together = json.loads((parallel / "bench.json").read_text())
+    assert together["jobs"] == 2 and list(together["methods"]) == ["distill", "ablation-ties"]
+    for name, method in together["methods"].items():
+        assert [s["metrics"] for s in method["steps"]] == [s["metrics"] for s in result["methods"][name]["steps"]], name
+        assert method["base"] == result["methods"][name]["base"]
 
 
 def test_bench_refuses_a_method_that_changes_the_evaluation(tmp_path, monkeypatch):

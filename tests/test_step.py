@@ -21,7 +21,7 @@ from distill_forget.distill.objectives import (
 from distill_forget.distill.module import TRAINABLE
 from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.step import RECORD_FILE, build_module, make_trainer, plan_prompts, run_step, step_indices
-from distill_forget.distill.targets import choose_targets, score_distance
+from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_targets, score_distance
 from distill_forget.pipelines import load_pipeline
 from distill_forget.requests import Request, RequestFileError, check_minicanvas, load_requests
 from distill_forget.world import concepts
@@ -295,6 +295,20 @@ def test_score_distance_is_zero_for_identical_prompts_and_symmetric(networks):
     assert d_ab.item() > 0.0 and d_ab.item() == pytest.approx(d_ba.item(), rel=1e-6)
     batched = score_distance(teacher.unet, encoder([ring, ring]), encoder([ring, square]), num_latents=4, seed=1)
     assert batched.shape == (2,) and batched[0] == 0.0 and batched[1].item() == pytest.approx(d_ab.item(), rel=1e-5)
+
+
+def test_score_distances_compute_each_sentence_once(networks):
+    teacher, encoder = networks
+    probe = ScoreProbe(teacher.latent_shape, 4, 1, training_scheduler())
+    distances = ScoreDistances(teacher, encoder, probe)
+    ring, square, star = "a ring in neon style", "a square in dots style", "a star in neon style"
+    first = distances(ring, [square, star])
+    before = teacher.evaluations
+    again = distances(star, [square, ring])  # every sentence already known: no network call
+    assert teacher.evaluations == before and again[1] == first[1]
+    assert first[0].item() == pytest.approx(score_distance(teacher.unet, *encoder([ring, square]), num_latents=4, seed=1).item(), rel=1e-5)
+    distances(ring, ["a heart in neon style"])
+    assert teacher.evaluations == before + 4  # the new sentence alone, at the 4 probe latents
 
 
 # ---------------------------------------------------------------- the Lightning module

@@ -103,11 +103,14 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
         candidates = request.targets or [""]
         retain_replayed, replayed, held_out = [], list(neighbors), []
 
-    if cfg.target.mode == "fixed":
-        candidates = [request.targets[0] if request.targets else cfg.target.fixed]
-    targets, target_record = choose_targets(
-        cfg.target.mode, forget, request.concept, candidates, cfg.seed, distances, cfg.target.scope
-    )
+    if cfg.forget_objective == "esd":  # negative guidance maps to no other prompt: no target to choose
+        targets, target_record = [""] * len(forget), {"mode": "none (esd)", "counts": {}}
+    else:
+        if cfg.target.mode == "fixed":
+            candidates = [request.targets[0] if request.targets else cfg.target.fixed]
+        targets, target_record = choose_targets(
+            cfg.target.mode, forget, request.concept, candidates, cfg.seed, distances, cfg.target.scope
+        )
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
 

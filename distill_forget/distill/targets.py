@@ -65,13 +65,25 @@ def score_distance(unet, condition_a: Condition, condition_b: Condition, num_lat
 
 
 class ScoreDistances:
-    """d(prompt, other) for prompts, under one network and one probe."""
+    """d(prompt, other) for prompts, under one network and one probe.
+
+    The network is frozen, so each sentence's probe outputs are computed once and kept: the
+    forget prompts of different concepts share their candidate sentences ("a circle in pastel
+    color style" is a candidate for every style), which the simultaneous setting plans together.
+    """
 
     def __init__(self, denoiser: Denoiser, encoder: PromptEncoder, probe: ScoreProbe):
         self.denoiser, self.encoder, self.probe = denoiser, encoder, probe
+        self.known: dict[str, torch.Tensor] = {}  # sentence -> (K, C, H, W) outputs
+
+    def outputs(self, prompts: list[str]) -> torch.Tensor:
+        new = list(dict.fromkeys(p for p in prompts if p not in self.known))
+        if new:
+            self.known.update(zip(new, self.probe.outputs(self.denoiser, self.encoder(new))))
+        return torch.stack([self.known[p] for p in prompts])
 
     def __call__(self, prompt: str, others: list[str]) -> torch.Tensor:
-        outputs = self.probe.outputs(self.denoiser, self.encoder([prompt, *others]))
+        outputs = self.outputs([prompt, *others])
         return distance(outputs[1:], outputs[:1])
 
 
