@@ -20,6 +20,7 @@ from distill_forget.distill.objectives import (
 )
 from distill_forget.distill.module import TRAINABLE
 from distill_forget.distill.replay import TeacherSampler
+from distill_forget.distill.prompts import replace_concept
 from distill_forget.distill.step import RECORD_FILE, build_module, make_trainer, plan_prompts, run_step, step_indices
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_targets, score_distance
 from distill_forget.pipelines import load_pipeline
@@ -374,6 +375,29 @@ def test_the_empty_prompt_is_replayed_on_the_retain_rows(tiny_pipeline_dir):
     assert module.losses()["unconditional"].item() > 0.0
     assert "unconditional" not in losses("retain.unconditional=false")[1]
     assert "unconditional" not in losses("lambda_r=0")[1]  # the baselines' "no replay"
+
+
+def test_neighbour_twins_are_replayed_at_the_forget_rows_latents(tiny_pipeline_dir):
+    def built(*extra):
+        request = Request("circle", "object", neighbors=["ring", "hollow square"])
+        module, _ = build_module(tiny_pipeline_dir, request, fast_cfg(*extra))
+        module.setup("fit")
+        module.on_fit_start()
+        return module
+
+    module = built("neighbors.twins=true")
+    for prompt, variants in zip(module.groups.forget, module.groups.twins):
+        assert variants == [replace_concept(prompt, "circle", n) for n in ("ring", "hollow square")], prompt
+    index, forget = module.forget_rows()
+    twins = module.twin_rows(index, forget)
+    assert torch.equal(twins.x_t, forget.x_t) and torch.equal(twins.t, forget.t)
+    assert twins.teacher[0] is twins.student  # the teacher's own output for the twin prompt is the target
+    for row, i in enumerate(index.tolist()):  # each row reads one of its own forget prompt's twins
+        options = [module.embeds["twin"].text[j] for j in module.twin_table[i].tolist()]
+        assert any(torch.equal(twins.student.text[row], option) for option in options), row
+    assert module.losses()["twin"].item() == 0.0  # the student is the teacher
+    assert "twin" not in built().losses()  # off by default
+    assert "twin" not in built("neighbors.twins=true", "lambda_n=0").losses()  # the baselines' "no replay"
 
 
 def test_forgotten_replay_takes_retain_rows_so_every_request_trains_as_many_rows(tiny_pipeline_dir):

@@ -23,6 +23,7 @@ from distill_forget.distill.objectives import (
     RetainReplay,
     Rows,
     StartingPointPenalty,
+    TwinReplay,
     UnconditionalReplay,
     run_rows,
 )
@@ -66,6 +67,18 @@ def select_trainable(unet: torch.nn.Module, mode: str) -> list[str]:
     return chosen
 
 
+def twin_table(twins: list[list[str]]) -> torch.Tensor:
+    """(forget prompts, most twins of one): the flattened twin rows of each forget prompt, cycled to
+    fill its row; -1 for a prompt without twins."""
+    width = max(len(variants) for variants in twins)
+    table, start = [], 0
+    for variants in twins:
+        rows = list(range(start, start + len(variants)))
+        table.append([rows[j % len(rows)] for j in range(width)] if rows else [-1] * width)
+        start += len(variants)
+    return torch.tensor(table, dtype=torch.long)
+
+
 class DistillForgetModule(L.LightningModule):
     def __init__(
         self,
@@ -97,6 +110,7 @@ class DistillForgetModule(L.LightningModule):
                 "neighbor": NeighborPreservation(noise_scheduler, self.draw, cfg.loss_scale),
                 "forgotten": ForgottenReplay(noise_scheduler, self.draw, cfg.loss_scale),
                 "unconditional": UnconditionalReplay(noise_scheduler, self.draw),
+                "twin": TwinReplay(noise_scheduler, self.draw),
                 "reg": ParameterAnchor(),
                 "l1sp": StartingPointPenalty(1),
                 "l2sp": StartingPointPenalty(2),
@@ -117,11 +131,14 @@ class DistillForgetModule(L.LightningModule):
             "forgotten": cfg.lambda_forgotten,
             # the empty prompt is retained with the retain prompts' weight (`retain.unconditional`)
             "unconditional": cfg.lambda_r if cfg.retain.unconditional else 0.0,
+            # the forget prompts' neighbour twins are neighbours, weighed as such (`neighbors.twins`)
+            "twin": cfg.lambda_n if cfg.neighbors.twins else 0.0,
             "reg": cfg.lambda_reg,
             "l1sp": regs.l1sp.weight,
             "l2sp": regs.l2sp.weight,
         }
         self.embeds: dict[str, Condition] = {}
+        self.twin_table: torch.Tensor | None = None  # (forget prompts, k): rows of embeds["twin"], -1: none
         self.sampler, self.replay, self.replay_seconds = None, None, 0.0
         self.local_rows: dict[str, int] = {}  # this rank's rows per replay group, set at fit start
         self.last_losses: dict[str, float] = {}
@@ -134,6 +151,10 @@ class DistillForgetModule(L.LightningModule):
             self.embeds = {name: self.encoder(prompts).to("cpu") for name, prompts in groups.items()}
             if self.objectives["forget"].reference == "empty":  # ESD's unconditional branch, row for row
                 self.embeds["empty"] = self.embeds["unconditional"][[0] * len(self.embeds["forget"])]
+            twins = [t for variants in self.groups.twins for t in variants]
+            if self.weights["twin"] and self.weights["forget"] and twins:
+                self.embeds["twin"] = self.encoder(twins).to("cpu")
+                self.twin_table = twin_table(self.groups.twins)
 
     def on_fit_start(self) -> None:
         self.teacher.unet.to(self.device)
@@ -191,15 +212,26 @@ class DistillForgetModule(L.LightningModule):
             print(f"[step] gradient projection on {len(self.projection.names)} key/value weights, "
                   f"{self.projection.columns} protected token embeddings", flush=True)  # fmt: skip
 
-    def forget_rows(self) -> Rows:
-        """The forget objective's rows for one micro-batch: z0 from its replay group, prompts row for row."""
+    def forget_rows(self) -> tuple[torch.Tensor, Rows]:
+        """The forget objective's rows for one micro-batch (z0 from its replay group, prompts row
+        for row), and the forget prompt of each row."""
         objective = self.objectives["forget"]
         index, z0 = self.replay.batch(objective.latents, self.draw.local_size(self.cfg.batch))
-        return objective.rows(z0, self.embeds["forget"][index], self.embeds[objective.reference][index])
+        return index, objective.rows(z0, self.embeds["forget"][index], self.embeds[objective.reference][index])
+
+    def twin_rows(self, index: torch.Tensor, forget: Rows) -> Rows | None:
+        """One neighbour twin of each forget row's prompt (drawn), at the forget row's x_t and t."""
+        table = self.twin_table.to(index.device)
+        twin = table[index, self.draw.randint(table.shape[1], len(index), index.device)]
+        keep = twin >= 0
+        if not keep.any():
+            return None
+        rows = Rows(forget.x_t[keep], forget.t[keep], forget.student, forget.teacher)
+        return self.objectives["twin"].on_rows(rows, self.embeds["twin"][twin[keep]])
 
     def forget_loss(self) -> torch.Tensor:
         """The forget objective alone on one micro-batch."""
-        student_out, teacher_outs = run_rows(self.student, self.teacher, {"forget": self.forget_rows()})["forget"]
+        student_out, teacher_outs = run_rows(self.student, self.teacher, {"forget": self.forget_rows()[1]})["forget"]
         return self.objectives["forget"].loss(student_out, teacher_outs)
 
     def replay_rows(self) -> dict[str, int]:
@@ -229,7 +261,9 @@ class DistillForgetModule(L.LightningModule):
         """
         rows = {}
         if self.weights["forget"]:
-            rows["forget"] = self.forget_rows()
+            index, rows["forget"] = self.forget_rows()
+            if self.twin_table is not None and (twins := self.twin_rows(index, rows["forget"])) is not None:
+                rows["twin"] = twins
         for group, size in self.local_rows.items():
             index, z0 = self.replay.batch(group, size)
             rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"])

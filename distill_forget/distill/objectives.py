@@ -176,6 +176,22 @@ class UnconditionalReplay(RetainReplay):
         return Rows(rows.x_t, rows.t, condition, [condition])
 
 
+class TwinReplay(RetainReplay):
+    """L_twin: neighbour replay at the forget rows' own noisy latents and timesteps.
+
+    The forget prompt `a ring in stripes style` is mapped away at latents of striped images;
+    its twin `a ring in diagonal stripes style` read at those same latents must keep the
+    teacher's output, so the student learns that the concept's word, not the picture, moves
+    the prediction. Weighed with `lambda_n` (`neighbors.twins`); not in the published method.
+    """
+
+    def __init__(self, noise_scheduler, draw: GlobalBatch):
+        super().__init__(noise_scheduler, draw, "mse")
+
+    def on_rows(self, rows: Rows, twins: Condition) -> Rows:
+        return Rows(rows.x_t, rows.t, twins, [twins])
+
+
 class ForgottenReplay(RetainReplay):
     """L_forgotten: retain replay on prompts of concepts forgotten by earlier requests.
 

@@ -8,7 +8,7 @@ replayed, the rest is held out so evaluation can report retention on concepts th
 never saw.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,8 @@ class PromptGroups:
     retain: list[str]
     neighbor: list[str]
     forgotten: list[str]  # prompts of concepts forgotten by earlier requests
+    # twins[i]: forget[i] with the concept replaced by each neighbour (the neighbour twin replay)
+    twins: list[list[str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:
         return {

@@ -114,7 +114,10 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
 
-    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts)
+    # Each forget prompt with a neighbour in the concept's place: replayed at the forget rows' own
+    # noisy latents, where the student learns the mapping (`neighbors.twins`).
+    twins = [[v for n in neighbors if (v := replace_concept(p, request.concept, n)) != p] for p in forget]
+    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins)
     record = {
         "targets": target_record,
         "neighbors": neighbor_record,
@@ -122,7 +125,7 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
         "replayed_concepts": replayed,  # every retained concept some training prompt names
         "held_out_concepts": held_out,  # retained and never replayed: for *_unseen metrics
         "forgotten_before": [f.concept for f in forgotten],
-        "prompt_counts": {name: len(p) for name, p in groups.as_dict().items()},
+        "prompt_counts": {**{name: len(p) for name, p in groups.as_dict().items()}, "twins": sum(map(len, twins))},
     }
     return groups, record
 
@@ -136,7 +139,8 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
     plans = [plan_prompts(r, [o for o in requests if o is not r], cfg, distances, encoder) for r in requests]
     pooled = lambda name: [p for g, _ in plans for p in getattr(g, name)]  # noqa: E731
     last_groups, record = plans[-1]
-    groups = PromptGroups(pooled("forget"), pooled("mapped"), last_groups.retain, list(dict.fromkeys(pooled("neighbor"))), [])
+    groups = PromptGroups(pooled("forget"), pooled("mapped"), last_groups.retain, list(dict.fromkeys(pooled("neighbor"))), [],
+                          pooled("twins"))  # fmt: skip
     replayed = sorted({c for _, r in plans for c in r["replayed_concepts"]})
     record = {
         **record,
