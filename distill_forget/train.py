@@ -130,7 +130,7 @@ def evaluate_base(argv) -> None:
     """The starting model's evaluation alone, into RUN_DIR/base (the loop does it when it is missing)."""
     cfg = load_config("train", argv, sections=("step", "evaluate"))
     torch.set_num_threads(cfg.threads)
-    print(f"[base] evaluating the starting model", flush=True)
+    print("[base] evaluating the starting model", flush=True)
     sets = {"forgotten": [], "replayed": None}
     device = pick_device(cfg.evaluate.device)
     evaluate_step(resolve_model_dir(cfg.model), load_judge(cfg.judge), cfg, sets, Path(cfg.run_dir) / "base", device, keep_images=True)
