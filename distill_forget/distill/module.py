@@ -160,6 +160,8 @@ class DistillForgetModule(L.LightningModule):
         self.teacher.unet.to(self.device)
         self.references["base"].to(self.device)
         self.embeds = {name: e.to(self.device) for name, e in self.embeds.items()}
+        if self.twin_table is not None:
+            self.twin_table = self.twin_table.to(self.device)
         cfg = self.cfg
         batch = cfg.replay.sampling_batch
         guidance = cfg.replay.guidance
@@ -221,8 +223,7 @@ class DistillForgetModule(L.LightningModule):
 
     def twin_rows(self, index: torch.Tensor, forget: Rows) -> Rows | None:
         """One neighbour twin of each forget row's prompt (drawn), at the forget row's x_t and t."""
-        table = self.twin_table.to(index.device)
-        twin = table[index, self.draw.randint(table.shape[1], len(index), index.device)]
+        twin = self.twin_table[index, self.draw.randint(self.twin_table.shape[1], len(index), index.device)]
         keep = twin >= 0
         if not keep.any():
             return None
@@ -269,7 +270,8 @@ class DistillForgetModule(L.LightningModule):
             rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"])
         carrier = next((g for g in ("retain", "neighbor") if g in rows), None)
         if self.weights["unconditional"] and carrier is not None:
-            rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], self.embeds["unconditional"])
+            empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]
+            rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], empty)
         outputs = run_rows(self.student, self.teacher, rows) if rows else {}
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:

@@ -157,26 +157,29 @@ class NeighborPreservation(RetainReplay):
     """
 
 
-class UnconditionalReplay(RetainReplay):
+class SameLatentsReplay(RetainReplay):
+    """Retain replay of other prompts at another loss's noisy latents and timesteps, one row each
+    (a mean squared difference: these prompts have no conditional signal of their own to scale by)."""
+
+    def __init__(self, noise_scheduler, draw: GlobalBatch):
+        super().__init__(noise_scheduler, draw, "mse")
+
+    def on_rows(self, rows: Rows, condition: Condition) -> Rows:
+        """`condition` (one row per row of `rows`) read at the same x_t and t as `rows`."""
+        return Rows(rows.x_t, rows.t, condition, [condition])
+
+
+class UnconditionalReplay(SameLatentsReplay):
     """L_unconditional: retain replay of the empty prompt, at the retain rows' noisy latents
     (the neighbour rows' when there is no retain replay).
 
     Classifier-free guidance, `eps_u + w (eps_c - eps_u)`, subtracts the empty prompt's output
     `(w - 1)` times from every prompt's: cross-attention training moves it too, and a drift
-    there changes every guided image, retained or not. Always a mean squared difference (the
-    empty prompt has no conditional signal to scale by).
+    there changes every guided image, retained or not.
     """
 
-    def __init__(self, noise_scheduler, draw: GlobalBatch):
-        super().__init__(noise_scheduler, draw, "mse")
 
-    def on_rows(self, rows: Rows, empty: Condition) -> Rows:
-        """The empty prompt's rows at the same noisy latents and timesteps as `rows`."""
-        condition = empty[[0] * len(rows.x_t)]
-        return Rows(rows.x_t, rows.t, condition, [condition])
-
-
-class TwinReplay(RetainReplay):
+class TwinReplay(SameLatentsReplay):
     """L_twin: neighbour replay at the forget rows' own noisy latents and timesteps.
 
     The forget prompt `a ring in stripes style` is mapped away at latents of striped images;
@@ -184,12 +187,6 @@ class TwinReplay(RetainReplay):
     teacher's output, so the student learns that the concept's word, not the picture, moves
     the prediction. Weighed with `lambda_n` (`neighbors.twins`); not in the published method.
     """
-
-    def __init__(self, noise_scheduler, draw: GlobalBatch):
-        super().__init__(noise_scheduler, draw, "mse")
-
-    def on_rows(self, rows: Rows, twins: Condition) -> Rows:
-        return Rows(rows.x_t, rows.t, twins, [twins])
 
 
 class ForgottenReplay(RetainReplay):
