@@ -361,6 +361,46 @@ def test_teacher_never_changes_and_stays_out_of_the_checkpoint(tiny_pipeline_dir
     assert module.student.evaluations == 3 * 4 * cfg.batch  # 3 steps x (forget, retain, empty prompt, neighbour) x batch
 
 
+def test_the_teachers_work_outside_training_runs_at_the_training_precision(tiny_pipeline_dir, networks):
+    default, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg())
+    mixed, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg("precision=bf16-mixed"))
+    assert default.teacher.autocast is None and mixed.teacher.autocast is torch.bfloat16  # CPU: 32-true by default
+
+    teacher, encoder = networks
+    condition = encoder(["a circle in dots style", "a ring"])
+    x_t, t = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([100, 700])
+    full = teacher(x_t, t, condition)
+    half = Denoiser(teacher.unet, autocast=torch.bfloat16)(x_t, t, condition)
+    assert half.dtype == torch.float32 and not torch.equal(half, full)  # it did run in bfloat16
+    assert torch.allclose(half, full, atol=0.05 * full.abs().max().item())
+
+
+def test_gradient_checkpointing_trains_the_same_student(tiny_pipeline_dir):
+    students = []
+    for setting in ("false", "true"):
+        cfg = fast_cfg("steps=2", "lr=1e-2", "warmup=1", "trainable=full", f"gradient_checkpointing={setting}")
+        module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg)
+        assert module.unet.is_gradient_checkpointing == (setting == "true")
+        make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
+        students.append(module.unet.state_dict())
+    assert any(not torch.equal(a, b) for a, b in zip(students[0].values(), load_pipeline(tiny_pipeline_dir).unet.state_dict().values()))
+    for name, weight in students[0].items():
+        assert torch.allclose(weight, students[1][name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("steps, every, saved_at", [(4, 2, 2), (3, 5, None)])
+def test_checkpoints_are_kept_every_n_steps_but_not_after_the_last(tiny_pipeline_dir, tmp_path, steps, every, saved_at):
+    cfg = fast_cfg(f"steps={steps}", f"checkpoint_every={every}")
+    module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg)
+    make_trainer(cfg, checkpoint_dir=tmp_path).fit(module, train_dataloaders=step_indices(cfg))
+    saved = list(tmp_path.glob("*.ckpt"))
+    if saved_at is None:  # the student's pipeline folder, saved next, is the step's output
+        assert saved == []
+    else:
+        assert [p.name for p in saved] == ["last.ckpt"]
+        assert torch.load(saved[0], weights_only=False)["global_step"] == saved_at
+
+
 def test_the_empty_prompt_is_replayed_on_the_retain_rows(tiny_pipeline_dir):
     def losses(*extra):
         module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg(*extra))

@@ -61,13 +61,24 @@ class Denoiser:
 
     A plain object, not an nn.Module: wrapping the frozen teacher in it keeps the teacher out
     of the student module's parameters, optimizer and checkpoints.
+
+    `autocast` (the frozen teacher's): a mixed-precision dtype its calls run under wherever they
+    are made, so that its work outside the training step (planning, replay sampling) runs at the
+    training's precision too; outputs are then returned in float32.
     """
 
-    def __init__(self, unet):
+    def __init__(self, unet, autocast: torch.dtype | None = None):
         self.unet = unet
+        self.autocast = autocast
         self.evaluations = 0  # samples through the network, for cost reports
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        if self.autocast is None:  # no context: inside the training step, Lightning's autocast applies
+            return self.predict(x_t, t, condition)
+        with torch.autocast(x_t.device.type, dtype=self.autocast):
+            return self.predict(x_t, t, condition).float()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         self.evaluations += x_t.shape[0]
         added = None
         if self.unet.config.addition_embed_type == "text_time":  # SDXL

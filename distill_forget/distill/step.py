@@ -15,14 +15,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from callbacks import PlainProgress
+from callbacks import PlainProgress, StepCheckpoint
 from distill_forget.distill.module import DistillForgetModule
 from distill_forget.distributed import cluster_environment, current_ranks, node_count, processes_per_node
 from distill_forget.distill.networks import Denoiser, PromptEncoder, prompt_encoder
@@ -173,7 +173,11 @@ def build_module(
     device = pick_device("cpu" if cfg.accelerator == "cpu" else "auto")
     pipe = load_pipeline(teacher_dir)
     student_unet = copy.deepcopy(pipe.unet)
-    teacher = Denoiser(pipe.unet.requires_grad_(False).eval().to(device))
+    if cfg.gradient_checkpointing:
+        student_unet.enable_gradient_checkpointing()
+    # The teacher's planning and replay sampling run at the training's mixed precision (bf16 on GPU).
+    autocast = AUTOCAST_DTYPES.get(training_precision(cfg, on_gpu=device.type == "cuda"))
+    teacher = Denoiser(pipe.unet.requires_grad_(False).eval().to(device), autocast)
     encoder = prompt_encoder(pipe, device)  # one text encoder (SD v1/v2) or two (SDXL)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     probe = ScoreProbe(teacher.latent_shape, cfg.score.latents, cfg.seed, noise_scheduler, device)
@@ -200,6 +204,12 @@ def build_module(
 
 
 STRATEGIES = ("auto", "ddp", "fsdp")
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning precision -> autocast dtype
+
+
+def training_precision(cfg: DictConfig, on_gpu: bool) -> str:
+    """Lightning's precision string: `precision`, else bf16-mixed on GPU and 32-true on CPU."""
+    return cfg.precision or ("bf16-mixed" if on_gpu else "32-true")
 
 
 def processes(cfg: DictConfig) -> tuple[int, int]:
@@ -242,9 +252,7 @@ def make_trainer(cfg: DictConfig, name: str = "step", checkpoint_dir=None, logge
     devices, nodes = processes(cfg)
     callbacks = [PlainProgress(name)]
     if checkpoint_dir is not None:
-        callbacks.append(
-            ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=0)
-        )
+        callbacks.append(StepCheckpoint(checkpoint_dir, cfg.checkpoint_every))
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     plugins = [SLURMEnvironment(auto_requeue=True)] if isinstance(cluster_environment(), SLURMEnvironment) else None
@@ -258,7 +266,7 @@ def make_trainer(cfg: DictConfig, name: str = "step", checkpoint_dir=None, logge
         strategy=make_strategy(cfg, on_gpu, devices * nodes),
         plugins=plugins,
         use_distributed_sampler=False,  # every rank walks all micro-batch indices; GlobalBatch slices the samples
-        precision=cfg.precision or ("bf16-mixed" if on_gpu else "32-true"),
+        precision=training_precision(cfg, on_gpu),
         gradient_clip_val=cfg.grad_clip,
         gradient_clip_algorithm="norm",
         logger=logger if logger is not None else False,

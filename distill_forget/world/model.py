@@ -27,9 +27,10 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's vocabulary, built without any download."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + vocabulary())}
+def build_tokenizer(words=None, max_tokens: int = MAX_TOKENS) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over `words` (default: the world's vocabulary), built without any download."""
+    words = vocabulary() if words is None else [w for w in dict.fromkeys(words) if w not in SPECIAL_TOKENS]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -38,7 +39,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
-        model_max_length=MAX_TOKENS,
+        model_max_length=max_tokens,
         pad_token="<pad>",
         unk_token="<unk>",
         bos_token="<bos>",
