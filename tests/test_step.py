@@ -331,6 +331,19 @@ def test_score_targets_per_prompt_or_one_for_the_request():
         choose_targets("score", prompts, "dots", ["a"], 0, distances, scope="sentence")
 
 
+def test_protected_neighbours_are_target_candidates_only_with_among_neighbors():
+    def distances(_prompt, sentences):  # `plus sign` is closest to `cross`, then `ring`
+        return torch.tensor([0.0 if "plus sign" in s else 1.0 if "ring" in s else 2.0 for s in sentences])
+
+    request = Request("cross", "object", neighbors=["plus sign", "diamond"])
+    for among, target in (("false", "ring"), ("true", "plus sign")):
+        cfg = fast_cfg("target.mode=score", f"target.among_neighbors={among}")
+        groups, plan = plan_prompts(request, [], cfg, distances, encoder=None)
+        assert list(plan["targets"]["counts"]) == [target]
+        assert ("plus sign" in plan["targets"]["candidates"]) == (among == "true")
+        assert any("plus sign" in mentioned(p) for p in groups.neighbor)  # protected either way
+
+
 @pytest.mark.parametrize("mode", list(TRAINABLE))
 def test_student_gets_gradients_only_in_the_selected_group(tiny_pipeline_dir, mode):
     request = Request("dots", "style", neighbors=["big dots"])

@@ -85,9 +85,9 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
         forgotten_prompts = [
             p for f in forgotten for p in (f.prompts or in_context(f.concept, f.kind, context(f.kind)))
         ]
-        # The neighbours are protected, so they are not offered as the concept's replacement.
+        # Unless `target.among_neighbors`, the protected neighbours are not offered as the replacement.
         same_kind = [c for c in retained if concepts.kind_of(c) == request.kind]
-        candidates = request.targets or [c for c in same_kind if c not in neighbors]
+        candidates = request.targets or [c for c in same_kind if cfg.target.among_neighbors or c not in neighbors]
         replayed = [c for c in retained if c in retain_replayed or c in neighbors]
         held_out = [c for c in retained if c not in replayed]
     else:
