@@ -86,19 +86,31 @@ def frechet_distance(judge, images: torch.Tensor, reference: torch.Tensor) -> fl
     return round(float(fid.compute()), 4)
 
 
+def retained_rows(prompts: list[dict], forgotten) -> list[int]:
+    """The indices of the prompts that name no forgotten concept."""
+    return [i for i, p in enumerate(prompts) if not set(forgotten) & {p["object"], p["style"]}]
+
+
+def retained_pairs(forgotten, repeats: int) -> list[tuple[str, str]]:
+    """Every grid pair that names no forgotten concept, `repeats` times."""
+    return [pair for pair in grid_pairs(repeats) if not set(forgotten) & set(pair)]
+
+
+def real_renders(pairs, seed: int) -> torch.Tensor:
+    """uint8 renders (N, 3, H, W) of (object, style) pairs: the real images the quality is measured against."""
+    return torch.from_numpy(render_batch(pairs, seed=seed)).permute(0, 3, 1, 2).contiguous()
+
+
 def retained_quality(judge, images: torch.Tensor, prompts: list[dict], forgotten, cfg) -> float | None:
     """Frechet distance of the images whose prompt names no forgotten concept to real renders of those pairs.
 
     Images of forgotten concepts are meant to change, so they are left out on both sides; a
     model is compared with the base model over the same pairs (see `train.py`).
     """
-    forgotten = set(forgotten)
-    keep = [i for i, p in enumerate(prompts) if not forgotten & {p["object"], p["style"]}]
-    pairs = [pair for pair in grid_pairs(cfg.reference_repeats) if not forgotten & set(pair)]
+    keep, pairs = retained_rows(prompts, forgotten), retained_pairs(forgotten, cfg.reference_repeats)
     if not keep or not pairs:
         return None
-    reference = torch.from_numpy(render_batch(pairs, seed=cfg.reference_seed)).permute(0, 3, 1, 2).contiguous()
-    return frechet_distance(judge, images[keep], reference)
+    return frechet_distance(judge, images[keep], real_renders(pairs, cfg.reference_seed))
 
 
 def generate_sharded(pipe, items: list[dict], cfg, ranks) -> torch.Tensor | None:

@@ -36,7 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from distill_forget.config import CONCEPT_BANK, CONFIG_DIR
 from distill_forget.distill.step import RECORD_FILE
 from distill_forget.requests import load_requests
-from distill_forget.storage import write_json
+from distill_forget.storage import atomic_dir, write_json
 from distill_forget.world.model import build_tokenizer
 
 CLIP_TOKENS = 77
@@ -126,10 +126,8 @@ def save_random_pipeline(family: str, folder: Path, requests_file: Path) -> floa
     started = time.time()
     torch.manual_seed(0)
     pipe = build_pipeline(family, request_words(requests_file))
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipe.save_pretrained(partial)
-    partial.rename(folder)
+    with atomic_dir(folder) as partial:
+        pipe.save_pretrained(partial)
     return time.time() - started
 
 

@@ -19,28 +19,31 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import MINICANVAS_DIR, load_config
-from distill_forget.evaluate import frechet_distance, generate, grid_prompts, load_judge
+from distill_forget.evaluate import (
+    frechet_distance,
+    generate,
+    grid_prompts,
+    load_judge,
+    real_renders,
+    retained_pairs,
+    retained_rows,
+)
 from distill_forget.pipelines import load_pipeline
-from distill_forget.world.build import grid_pairs
-from distill_forget.world.render import render_batch
-
-
-def renders(pairs, seed: int) -> torch.Tensor:
-    return torch.from_numpy(render_batch(pairs, seed=seed)).permute(0, 3, 1, 2).contiguous()
 
 
 def quality_noise(model_dir, base_dir, forgotten, seeds, other_seeds, cfg, judge) -> dict[str, float]:
-    forgotten = set(forgotten)
     items, other = grid_prompts(seeds), grid_prompts(other_seeds)
-    keep = [i for i, p in enumerate(items) if not forgotten & {p["object"], p["style"]}]
-    pairs = [pair for pair in grid_pairs(cfg.reference_repeats) if not forgotten & set(pair)]
+    keep = retained_rows(items, forgotten)  # the grid's order is the same under any seeds
 
-    def images(folder, prompts):
-        return generate(load_pipeline(folder), [prompts[i] for i in keep], cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+    def images(folder) -> tuple[torch.Tensor, torch.Tensor]:
+        """The retained pairs' images under the evaluation seeds and under the other seeds."""
+        pipe = load_pipeline(folder)
+        return tuple(generate(pipe, [prompts[i] for i in keep], cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+                     for prompts in (items, other))  # fmt: skip
 
-    base, base_other = images(base_dir, items), images(base_dir, other)
-    model, model_other = images(model_dir, items), images(model_dir, other)
-    real, real_other = renders(pairs, cfg.reference_seed), renders(pairs, cfg.reference_seed + 1)
+    (base, base_other), (model, model_other) = images(base_dir), images(model_dir)
+    pairs = retained_pairs(forgotten, cfg.reference_repeats)
+    real, real_other = real_renders(pairs, cfg.reference_seed), real_renders(pairs, cfg.reference_seed + 1)
     return {
         "base, evaluation seeds": frechet_distance(judge, base, real),
         "base, other seeds": frechet_distance(judge, base_other, real),
