@@ -232,12 +232,14 @@ def main(argv=None) -> None:
 
 
 def as_carried_out(run_dir: Path, earlier: list) -> list:
-    """Earlier requests with the neighbours their steps chose (read from each step's record,
-    which every process can read), so later steps keep replaying them."""
+    """Earlier requests with the neighbours and targets their steps chose (read from each step's
+    record, which every process can read): later steps keep replaying those neighbours and do
+    not map onto those targets again (`step.target.reuse`)."""
     carried_out = []
     for index, request in enumerate(earlier, start=1):
         record = json.loads((step_dir(run_dir, index, request.concept) / "pipeline" / RECORD_FILE).read_text())
-        carried_out.append(dataclasses.replace(request, neighbors=list(record["neighbors"]["chosen"])))
+        chosen = {"neighbors": list(record["neighbors"]["chosen"]), "targets": list(record["targets"]["counts"])}
+        carried_out.append(dataclasses.replace(request, **chosen))
     return carried_out
 
 

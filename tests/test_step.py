@@ -1,6 +1,7 @@
 """The distillation step: request files, objectives, score distance, parameter groups, run_step."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -342,6 +343,47 @@ def test_protected_neighbours_are_target_candidates_only_with_among_neighbors():
         assert list(plan["targets"]["counts"]) == [target]
         assert ("plus sign" in plan["targets"]["candidates"]) == (among == "true")
         assert any("plus sign" in mentioned(p) for p in groups.neighbor)  # protected either way
+
+
+def test_targets_of_earlier_requests_are_no_candidates_unless_reuse():
+    def distances(_prompt, sentences):  # `ring` is closest to `cross`, then `triangle`
+        return torch.tensor([0.0 if "ring" in s else 1.0 if "triangle" in s else 2.0 for s in sentences])
+
+    circle = Request("circle", "object", targets=["ring"], neighbors=["heart"])  # as the loop carries it out
+    cross = Request("cross", "object", neighbors=["plus sign"])
+    for reuse, target in (("false", "triangle"), ("true", "ring")):
+        cfg = fast_cfg("target.mode=score", f"target.reuse={reuse}")
+        _, plan = plan_prompts(cross, [circle], cfg, distances, encoder=None)
+        assert list(plan["targets"]["counts"]) == [target]
+    # a request's own candidates are kept; and with every candidate taken, the taken ones are offered again
+    own = dataclasses.replace(cross, targets=["ring"])
+    _, plan = plan_prompts(own, [circle], fast_cfg("target.mode=score"), distances, None)
+    assert list(plan["targets"]["counts"]) == ["ring"]
+    shapes = [c for c in concepts.OBJECTS if c not in ("cross", "circle")]
+    _, plan = plan_prompts(cross, [dataclasses.replace(circle, targets=shapes)], fast_cfg("target.mode=score"), distances, None)
+    assert list(plan["targets"]["counts"]) == ["ring"]
+
+
+def test_an_earlier_request_mapped_onto_the_concept_follows_it_to_its_new_target():
+    def distances(_prompt, sentences):  # `mosaic` is the closest style
+        return torch.tensor([0.0 if "mosaic" in s else 1.0 for s in sentences])
+
+    stripes = Request("stripes", "style", targets=["flat color"], neighbors=["thin stripes"])  # stripes -> flat color
+    dots = Request("dots", "style", targets=["pastel color"], neighbors=["big dots"])
+    flat = Request("flat color", "style", neighbors=["pastel color"])
+    for follow in ("true", "false"):
+        cfg = fast_cfg("target.mode=score", f"target.follow={follow}")
+        groups, plan = plan_prompts(flat, [stripes, dots], cfg, distances, encoder=None)
+        assert list(plan["targets"]["counts"]) == ["mosaic"]
+        followed = [(p, m) for p, m in zip(groups.forget, groups.mapped) if "stripes" in mentioned(p)]
+        replayed = [p for p in groups.forgotten if "stripes" in mentioned(p)]
+        assert any("dots" in mentioned(p) for p in groups.forgotten)  # not a follower: replayed as before
+        assert len(groups.twins) == len(groups.forget) == len(groups.mapped)
+        if follow == "true":
+            assert followed and not replayed and plan["targets"]["followers"] == {"stripes": "mosaic"}
+            assert all(m == replace_concept(p, "stripes", "mosaic") for p, m in followed)
+        else:
+            assert replayed and not followed and "followers" not in plan["targets"]
 
 
 @pytest.mark.parametrize("mode", list(TRAINABLE))

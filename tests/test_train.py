@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from distill_forget.ledger import Ledger
-from distill_forget.train import prepare_run_dir
+from distill_forget.distill.step import RECORD_FILE
+from distill_forget.ledger import Ledger, step_dir
+from distill_forget.requests import Request
+from distill_forget.train import as_carried_out, prepare_run_dir
 
 FAST = [
     "threads=1", "step.steps=12", "step.checkpoint_every=2", "step.replay.bank_size=4", "step.sampling_steps=2",
@@ -128,3 +130,15 @@ def test_a_run_folder_continues_with_appended_requests_and_refuses_others(tmp_pa
     with pytest.raises(SystemExit, match="not the beginning of"):
         prepare_run_dir(cfg, reordered, run_dir)
     assert (run_dir / "requests.yaml").read_text() == two_requests.read_text()  # nothing overwritten
+
+
+def test_later_steps_are_planned_with_the_neighbours_and_targets_earlier_steps_chose(tmp_path):
+    earlier = [Request("dots", "style", targets=["sketch", "neon"]), Request("star", "object")]
+    chosen = [({"chosen": ["big dots"]}, {"counts": {"pastel color": 27}}), ({"chosen": ["cross"]}, {"counts": {}})]
+    for index, (request, (neighbors, targets)) in enumerate(zip(earlier, chosen), start=1):
+        folder = step_dir(tmp_path, index, request.concept) / "pipeline"
+        folder.mkdir(parents=True)
+        (folder / RECORD_FILE).write_text(json.dumps({"neighbors": neighbors, "targets": targets}))
+    dots, star = as_carried_out(tmp_path, earlier)
+    assert (dots.neighbors, dots.targets) == (["big dots"], ["pastel color"])  # the chosen target, not the candidates
+    assert (star.neighbors, star.targets) == (["cross"], [])  # ESD maps onto no target

@@ -82,12 +82,13 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
         forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
         retain = retain_prompts(retain_replayed)
         neighbor = [p for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
-        forgotten_prompts = [
-            p for f in forgotten for p in (f.prompts or in_context(f.concept, f.kind, context(f.kind)))
-        ]
-        # Unless `target.among_neighbors`, the protected neighbours are not offered as the replacement.
+        earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
+        # Unless `target.among_neighbors`, the protected neighbours are not offered as the
+        # replacement; unless `target.reuse`, neither are the targets of earlier requests.
         same_kind = [c for c in retained if concepts.kind_of(c) == request.kind]
-        candidates = request.targets or [c for c in same_kind if cfg.target.among_neighbors or c not in neighbors]
+        offered = [c for c in same_kind if cfg.target.among_neighbors or c not in neighbors]
+        taken = set() if cfg.target.reuse else {t for f in forgotten for t in f.targets}
+        candidates = request.targets or [c for c in offered if c not in taken] or offered
         replayed = [c for c in retained if c in retain_replayed or c in neighbors]
         held_out = [c for c in retained if c not in replayed]
     else:
@@ -99,7 +100,7 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
         retain += [replace_concept(p, f.concept, n) for f in forgotten for n in f.neighbors if n in earlier_neighbors
                    for p in (f.prompts or [f.concept])]  # fmt: skip
         neighbor = [replace_concept(p, request.concept, n) for n in neighbors for p in forget]
-        forgotten_prompts = [p for f in forgotten for p in (f.prompts or [f.concept])]
+        earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = request.targets or [""]
         retain_replayed, replayed, held_out = [], list(neighbors), []
 
@@ -113,10 +114,23 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
         )
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
-
     # Each forget prompt with a neighbour in the concept's place: replayed at the forget rows' own
     # noisy latents, where the student learns the mapping (`neighbors.twins`).
     twins = [[v for n in neighbors if (v := replace_concept(p, request.concept, n)) != p] for p in forget]
+
+    # An earlier request that was mapped onto this concept follows it to its new target
+    # (`target.follow`): its prompts join the forget mapping instead of the forgotten replay,
+    # which would teach the student to keep drawing this concept for them.
+    followers = [f for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
+    if followers and target_record["counts"]:
+        new_target = max(target_record["counts"], key=target_record["counts"].get)
+        target_record["followers"] = {f.concept: new_target for f in followers}
+        for f in followers:
+            forget = forget + earlier_prompts[f.concept]
+            mapped = mapped + [replace_concept(p, f.concept, new_target) for p in earlier_prompts[f.concept]]
+            twins = twins + [[] for _ in earlier_prompts[f.concept]]
+    forgotten_prompts = [p for f in forgotten if f.concept not in target_record.get("followers", {})
+                         for p in earlier_prompts[f.concept]]  # fmt: skip
     groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins)
     record = {
         "targets": target_record,
