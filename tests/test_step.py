@@ -375,15 +375,44 @@ def test_an_earlier_request_mapped_onto_the_concept_follows_it_to_its_new_target
         cfg = fast_cfg("target.mode=score", f"target.follow={follow}")
         groups, plan = plan_prompts(flat, [stripes, dots], cfg, distances, encoder=None)
         assert list(plan["targets"]["counts"]) == ["mosaic"]
-        followed = [(p, m) for p, m in zip(groups.forget, groups.mapped) if "stripes" in mentioned(p)]
-        replayed = [p for p in groups.forgotten if "stripes" in mentioned(p)]
-        assert any("dots" in mentioned(p) for p in groups.forgotten)  # not a follower: replayed as before
-        assert len(groups.twins) == len(groups.forget) == len(groups.mapped)
+        assert not any("stripes" in mentioned(p) for p in groups.forget)  # the request's forget rows are its own
+        assert any("stripes" in mentioned(p) for p in groups.forgotten)  # both stay in the forgotten replay
         if follow == "true":
-            assert followed and not replayed and plan["targets"]["followers"] == {"stripes": "mosaic"}
-            assert all(m == replace_concept(p, "stripes", "mosaic") for p, m in followed)
+            assert plan["targets"]["followers"] == {"stripes": "mosaic"} and len(groups.forgotten_mapped) == len(groups.forgotten)
+            for p, teacher_prompt in zip(groups.forgotten, groups.forgotten_mapped):
+                assert teacher_prompt == (replace_concept(p, "stripes", "mosaic") if "stripes" in mentioned(p) else p)
         else:
-            assert replayed and not followed and "followers" not in plan["targets"]
+            assert groups.forgotten_mapped == [] and "followers" not in plan["targets"]
+
+
+def test_forgotten_replay_reads_the_teacher_at_the_followed_prompts(networks):
+    teacher, encoder = networks
+    draw = GlobalBatch(seed=0)
+    replay = ForgottenReplay(training_scheduler(), draw)
+    own, followed = encoder(["a ring in stripes style"]), encoder(["a ring in mosaic style"])
+    z0 = torch.zeros(1, *teacher.latent_shape)
+    assert replay.rows(z0, own).teacher[0] is own
+    rows = replay.rows(z0, own, teacher_embeds=followed)
+    assert rows.student is own and rows.teacher[0] is followed
+
+
+def test_the_module_reads_the_teacher_at_the_followed_prompts(tiny_pipeline_dir):
+    stripes = Request("stripes", "style", targets=["dots"], neighbors=["thin stripes"])  # stripes -> dots, earlier
+    request = Request("dots", "style", prompts=["a ring in dots style"], targets=["sketch"], neighbors=["big dots"])
+    module, plan = build_module(tiny_pipeline_dir, request, fast_cfg("target.follow=true"), forgotten_before=[stripes])
+    assert plan["targets"]["followers"] == {"stripes": "sketch"}
+    module.setup("fit")
+    module.on_fit_start()
+    calls = []
+    replay = module.objectives["forgotten"]
+    original = replay.rows
+    replay.rows = lambda z0, embeds, empty=None, teacher_embeds=None: calls.append((embeds, teacher_embeds)) or original(
+        z0, embeds, empty, teacher_embeds
+    )
+    module.losses()
+    (student, teacher), = calls
+    assert teacher is not None and len(teacher) == len(student)
+    assert not torch.equal(teacher.text, student.text)  # "... in sketch style" read by the teacher, "... in stripes style" by the student
 
 
 @pytest.mark.parametrize("mode", list(TRAINABLE))

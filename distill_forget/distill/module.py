@@ -267,7 +267,9 @@ class DistillForgetModule(L.LightningModule):
                 rows["twin"] = twins
         for group, size in self.local_rows.items():
             index, z0 = self.replay.batch(group, size)
-            rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"])
+            teacher = self.embeds.get(f"{group}_mapped")  # forgotten prompts that follow a new target
+            rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"],
+                                                      None if teacher is None else teacher[index])  # fmt: skip
         carrier = next((g for g in ("retain", "neighbor") if g in rows), None)
         if self.weights["unconditional"] and carrier is not None:
             empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]

@@ -134,13 +134,15 @@ class RetainReplay(DistillationLoss):
         super().__init__()
         self.noise_scheduler, self.draw, self.scale = noise_scheduler, draw, checked_scale(scale)
 
-    def rows(self, z0, embeds, empty=None) -> Rows:
+    def rows(self, z0, embeds, empty=None, teacher_embeds=None) -> Rows:
+        """`teacher_embeds`: the teacher's prompts where they are not the student's (default: the same)."""
         x_t, t = noised(self.noise_scheduler, z0, self.noise_scheduler.config.num_train_timesteps, self.draw)
+        teacher = embeds if teacher_embeds is None else teacher_embeds
         if self.scale == "mse":
-            return Rows(x_t, t, embeds, [embeds])
+            return Rows(x_t, t, embeds, [teacher])
         if empty is None:
             raise ValueError(f"{type(self).__name__} with scale 'relative' needs the empty prompt's condition")
-        return Rows(x_t, t, embeds, [embeds, empty[[0] * len(x_t)]])
+        return Rows(x_t, t, embeds, [teacher, empty[[0] * len(x_t)]])
 
     def loss(self, student_out, teacher_outs) -> torch.Tensor:
         if self.scale == "mse":
@@ -193,7 +195,9 @@ class ForgottenReplay(RetainReplay):
     """L_forgotten: retain replay on prompts of concepts forgotten by earlier requests.
 
     The teacher already maps them away, so copying it keeps them forgotten explicitly
-    instead of relying on them never drifting back.
+    instead of relying on them never drifting back. Where an earlier concept was mapped onto
+    the concept forgotten now (`target.follow`), the teacher reads its prompt with the new
+    target in its place.
     """
 
 

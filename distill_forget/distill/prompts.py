@@ -28,6 +28,8 @@ class PromptGroups:
     forgotten: list[str]  # prompts of concepts forgotten by earlier requests
     # twins[i]: forget[i] with the concept replaced by each neighbour (the neighbour twin replay)
     twins: list[list[str]] = field(default_factory=list)
+    # the teacher's prompt for each forgotten prompt where it is not that prompt (`target.follow`); [] if none
+    forgotten_mapped: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:
         return {
@@ -36,6 +38,7 @@ class PromptGroups:
             "retain": self.retain,
             "neighbor": self.neighbor,
             "forgotten": self.forgotten,
+            "forgotten_mapped": self.forgotten_mapped,
         }
 
 

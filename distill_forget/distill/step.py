@@ -119,19 +119,18 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
     twins = [[v for n in neighbors if (v := replace_concept(p, request.concept, n)) != p] for p in forget]
 
     # An earlier request that was mapped onto this concept follows it to its new target
-    # (`target.follow`): its prompts join the forget mapping instead of the forgotten replay,
-    # which would teach the student to keep drawing this concept for them.
-    followers = [f for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
+    # (`target.follow`): its forgotten replay copies the teacher's output for its prompts with
+    # the new target in place of the earlier concept, instead of the teacher's output for the
+    # prompts themselves, which still draws this concept.
+    forgotten_prompts = [p for f in forgotten for p in earlier_prompts[f.concept]]
+    forgotten_mapped = []
+    followers = [f.concept for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
     if followers and target_record["counts"]:
         new_target = max(target_record["counts"], key=target_record["counts"].get)
-        target_record["followers"] = {f.concept: new_target for f in followers}
-        for f in followers:
-            forget = forget + earlier_prompts[f.concept]
-            mapped = mapped + [replace_concept(p, f.concept, new_target) for p in earlier_prompts[f.concept]]
-            twins = twins + [[] for _ in earlier_prompts[f.concept]]
-    forgotten_prompts = [p for f in forgotten if f.concept not in target_record.get("followers", {})
-                         for p in earlier_prompts[f.concept]]  # fmt: skip
-    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins)
+        target_record["followers"] = {f: new_target for f in followers}
+        forgotten_mapped = [replace_concept(p, f.concept, new_target) if f.concept in followers else p
+                            for f in forgotten for p in earlier_prompts[f.concept]]  # fmt: skip
+    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped)
     record = {
         "targets": target_record,
         "neighbors": neighbor_record,
