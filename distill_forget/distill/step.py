@@ -122,14 +122,13 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
     # (`target.follow`): its forgotten replay copies the teacher's output for its prompts with
     # the new target in place of the earlier concept, instead of the teacher's output for the
     # prompts themselves, which still draws this concept.
-    forgotten_prompts = [p for f in forgotten for p in earlier_prompts[f.concept]]
-    forgotten_mapped = []
+    forgotten_rows = [(f.concept, p) for f in forgotten for p in earlier_prompts[f.concept]]
+    forgotten_prompts, forgotten_mapped = [p for _, p in forgotten_rows], []
     followers = [f.concept for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
     if followers and target_record["counts"]:
         new_target = max(target_record["counts"], key=target_record["counts"].get)
         target_record["followers"] = {f: new_target for f in followers}
-        forgotten_mapped = [replace_concept(p, f.concept, new_target) if f.concept in followers else p
-                            for f in forgotten for p in earlier_prompts[f.concept]]  # fmt: skip
+        forgotten_mapped = [replace_concept(p, c, new_target) if c in followers else p for c, p in forgotten_rows]
     groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped)
     record = {
         "targets": target_record,
