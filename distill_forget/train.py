@@ -261,6 +261,7 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         logger=report.logger if report is not None else None,
         forgotten_before=earlier if cfg.setting == "sequential" else (),
         forget_together=earlier if cfg.setting == "simultaneous" else (),
+        pending=[r.concept for r in requests[index:]] if cfg.setting == "sequential" else (),
     )  # fmt: skip
     if merging and ranks.is_main:
         students = [step_dir(folder.parent.parent, k, r.concept) / "independent" for k, r in enumerate(requests[:index], 1)]

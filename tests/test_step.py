@@ -364,6 +364,22 @@ def test_targets_of_earlier_requests_are_no_candidates_unless_reuse():
     assert list(plan["targets"]["counts"]) == ["ring"]
 
 
+def test_concepts_later_requests_will_forget_are_no_candidates():
+    def distances(_prompt, sentences):  # `triangle` is closest to `cross`, then `crescent`
+        return torch.tensor([0.0 if "triangle" in s else 1.0 if "crescent" in s else 2.0 for s in sentences])
+
+    cross = Request("cross", "object", neighbors=["plus sign"])
+    for avoid, target in (("true", "crescent"), ("false", "triangle")):
+        cfg = fast_cfg("target.mode=score", f"target.avoid_pending={avoid}")
+        _, plan = plan_prompts(cross, [], cfg, distances, encoder=None, pending=["heart", "triangle"])
+        assert list(plan["targets"]["counts"]) == [target]
+        assert ("triangle" in plan["targets"]["candidates"]) == (avoid == "false")
+    # with every candidate pending, they are offered again
+    shapes = [c for c in concepts.OBJECTS if c not in ("cross", "plus sign")]
+    _, plan = plan_prompts(cross, [], fast_cfg("target.mode=score", "target.avoid_pending=true"), distances, None, pending=shapes)
+    assert list(plan["targets"]["counts"]) == ["triangle"]
+
+
 def test_an_earlier_request_mapped_onto_the_concept_follows_it_to_its_new_target():
     def distances(_prompt, sentences):  # `mosaic` is the closest style
         return torch.tensor([0.0 if "mosaic" in s else 1.0 for s in sentences])

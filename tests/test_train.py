@@ -13,6 +13,7 @@ import pytest
 from distill_forget.distill.step import RECORD_FILE
 from distill_forget.ledger import Ledger, step_dir
 from distill_forget.requests import Request
+from distill_forget import train as loop
 from distill_forget.train import as_carried_out, prepare_run_dir
 
 FAST = [
@@ -142,3 +143,22 @@ def test_later_steps_are_planned_with_the_neighbours_and_targets_earlier_steps_c
     dots, star = as_carried_out(tmp_path, earlier)
     assert (dots.neighbors, dots.targets) == (["big dots"], ["pastel color"])  # the chosen target, not the candidates
     assert (star.neighbors, star.targets) == (["cross"], [])  # ESD maps onto no target
+
+
+def test_the_loop_tells_each_step_which_concepts_later_requests_will_forget(tmp_path, monkeypatch, random_judge):
+    requests = tmp_path / "requests.yaml"
+    requests.write_text("requests:\n  - {concept: cross, kind: object}\n  - {concept: dots, kind: style}\n"
+                        "  - {concept: triangle, kind: object}\n")  # fmt: skip
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def first_step(*_args, pending=(), **_kwargs):
+        seen.append(list(pending))
+        raise Stop
+
+    monkeypatch.setattr(loop, "run_step", first_step)
+    with pytest.raises(Stop):
+        loop.main([f"requests={requests}", f"run_dir={tmp_path / 'run'}", f"judge={random_judge}", *FAST])
+    assert seen == [["dots", "triangle"]]

@@ -53,8 +53,13 @@ def as_request(item: Request | str, world: str) -> Request:
     return Request(item, concepts.kind_of(item) if world == "minicanvas" else "other")
 
 
-def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: ScoreDistances, encoder: PromptEncoder):
-    """The step's prompt groups, and a record of every choice made to build them."""
+def plan_prompts(
+    request: Request, forgotten: list[Request], cfg, distances: ScoreDistances, encoder: PromptEncoder, pending=()
+):
+    """The step's prompt groups, and a record of every choice made to build them.
+
+    `pending`: the concepts later requests of the sequence will forget (`target.avoid_pending`).
+    """
     gone = {request.concept, *(f.concept for f in forgotten)}
     # Neighbours of earlier requests stay replayed (`retain.earlier_neighbors`): they were the
     # first damaged then, and nothing else would hold them now.
@@ -84,10 +89,12 @@ def plan_prompts(request: Request, forgotten: list[Request], cfg, distances: Sco
         neighbor = [p for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
         earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
         # Unless `target.among_neighbors`, the protected neighbours are not offered as the
-        # replacement; unless `target.reuse`, neither are the targets of earlier requests.
+        # replacement; unless `target.reuse`, neither are the targets of earlier requests; with
+        # `target.avoid_pending`, neither are the concepts later requests will forget.
         same_kind = [c for c in retained if concepts.kind_of(c) == request.kind]
         offered = [c for c in same_kind if cfg.target.among_neighbors or c not in neighbors]
         taken = set() if cfg.target.reuse else {t for f in forgotten for t in f.targets}
+        taken |= set(pending) if cfg.target.avoid_pending else set()
         candidates = request.targets or [c for c in offered if c not in taken] or offered
         replayed = [c for c in retained if c in retain_replayed or c in neighbors]
         held_out = [c for c in retained if c not in replayed]
@@ -167,13 +174,14 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
 
 
 def build_module(
-    teacher_dir, request: Request, cfg: DictConfig, forgotten_before=(), base_dir=None, forget_together=()
+    teacher_dir, request: Request, cfg: DictConfig, forgotten_before=(), base_dir=None, forget_together=(), pending=()
 ) -> tuple[DistillForgetModule, dict]:
     """The Lightning module of one request, and the record of its planning.
 
     `base_dir`: the base model M_0, for regularisers referenced to it. `forget_together`:
     earlier requests forgotten in this same step with `request` (the simultaneous setting; the
-    step then runs `steps` optimizer steps per concept).
+    step then runs `steps` optimizer steps per concept). `pending`: concepts later requests of
+    the sequence will forget, no target candidates with `target.avoid_pending`.
     """
     started = time.time()
     cfg = merge_overrides(cfg, request)
@@ -199,7 +207,7 @@ def build_module(
     if forget_together:
         groups, plan = plan_together([*forgotten[: len(forget_together)], request], cfg, distances, encoder)
     else:
-        groups, plan = plan_prompts(request, forgotten, cfg, distances, encoder)
+        groups, plan = plan_prompts(request, forgotten, cfg, distances, encoder, pending)
     plan["teacher_evaluations_planning"] = teacher.evaluations
     plan["seconds_planning"] = round(time.time() - started, 2)
     print(
@@ -347,6 +355,7 @@ def run_step(
     logger=None,
     base_dir=None,
     forget_together=(),
+    pending=(),
 ) -> dict:
     """Forget `request.concept` from the teacher folder's model; the student goes to `out_dir`.
 
@@ -355,7 +364,7 @@ def run_step(
     `out_dir/distill_step.json`). With `checkpoint_dir`, Lightning checkpoints are kept there
     and the newest one left by a killed or requeued run is resumed from. With several
     processes every rank calls this; rank 0 writes the student, the others wait for it.
-    `base_dir` and `forget_together`: see `build_module`.
+    `base_dir`, `forget_together` and `pending`: see `build_module`.
     """
     started = time.time()
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
@@ -364,7 +373,7 @@ def run_step(
     L.seed_everything(cfg.seed, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    module, plan = build_module(teacher_dir, request, cfg, forgotten_before, base_dir, forget_together)
+    module, plan = build_module(teacher_dir, request, cfg, forgotten_before, base_dir, forget_together, pending)
     cfg = module.cfg  # with the request's overrides
     trainer = make_trainer(cfg, f"step {request.concept!r}", checkpoint_dir, logger)
     resume = latest_checkpoint(checkpoint_dir)
