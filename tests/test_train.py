@@ -160,5 +160,6 @@ def test_the_loop_tells_each_step_which_concepts_later_requests_will_forget(tmp_
 
     monkeypatch.setattr(loop, "run_step", first_step)
     with pytest.raises(Stop):
-        loop.main([f"requests={requests}", f"run_dir={tmp_path / 'run'}", f"judge={random_judge}", *FAST])
+        loop.main([f"requests={requests}", f"run_dir={tmp_path / 'run'}", f"judge={random_judge}", *FAST,
+                   "evaluate_every_step=false"])  # fmt: skip
     assert seen == [["dots", "triangle"]]

@@ -94,7 +94,8 @@ def plan_prompts(
         same_kind = [c for c in retained if concepts.kind_of(c) == request.kind]
         offered = [c for c in same_kind if cfg.target.among_neighbors or c not in neighbors]
         taken = set() if cfg.target.reuse else {t for f in forgotten for t in f.targets}
-        taken |= set(pending) if cfg.target.avoid_pending else set()
+        if cfg.target.avoid_pending:
+            taken |= set(pending)
         candidates = request.targets or [c for c in offered if c not in taken] or offered
         replayed = [c for c in retained if c in retain_replayed or c in neighbors]
         held_out = [c for c in retained if c not in replayed]
