@@ -540,6 +540,38 @@ def test_neighbour_twins_are_replayed_at_the_forget_rows_latents(tiny_pipeline_d
     assert "twin" not in built("neighbors.twins=true", "lambda_n=0").losses()  # the baselines' "no replay"
 
 
+def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_ones(tiny_pipeline_dir, tmp_path):
+    teacher_pipe = load_pipeline(tiny_pipeline_dir)  # a teacher that is no longer the base model
+    with torch.no_grad():
+        for name, p in teacher_pipe.unet.named_parameters():
+            if ".attn2." in name:
+                p.add_(0.05)
+    teacher_dir = tmp_path / "teacher"
+    teacher_pipe.save_pretrained(teacher_dir)
+
+    def losses(*extra, student_from=None):
+        request = Request("circle", "object", neighbors=["ring"])
+        module, _ = build_module(teacher_dir, request, fast_cfg(*extra), ["dots"], base_dir=tiny_pipeline_dir)
+        if student_from is not None:
+            module.unet.load_state_dict(load_pipeline(student_from).unet.state_dict())
+        module.setup("fit")
+        module.on_fit_start()
+        return {name: loss.item() for name, loss in module.losses().items() if name != "forget"}
+
+    previous = losses()  # the student starts as the teacher: nothing to learn but the forgetting
+    assert previous["retain"] == previous["neighbor"] == previous["unconditional"] == previous["forgotten"] == 0.0
+    base = losses("replay.retain_teacher=base")  # the student starts as the teacher, not as the base model
+    assert min(base["retain"], base["neighbor"], base["unconditional"]) > 1e-5 and base["forgotten"] == 0.0
+    base = losses("replay.retain_teacher=base", student_from=tiny_pipeline_dir)  # a student that is the base model
+    assert max(base["retain"], base["neighbor"], base["unconditional"]) < 1e-9  # batched apart: ~1e-13, not 0
+    assert base["forgotten"] > 1e-5
+    with pytest.raises(ValueError, match="retain_teacher"):
+        losses("replay.retain_teacher=original")
+    naive_cfg = fast_cfg("replay.retain_teacher=base", "lambda_r=0", "lambda_n=0")
+    naive, _ = build_module(teacher_dir, Request("circle", "object"), naive_cfg, [], base_dir=tiny_pipeline_dir)
+    assert naive.retain_teacher is naive.teacher and naive.references["base"] is naive.teacher.unet  # not even loaded
+
+
 def test_forgotten_replay_takes_retain_rows_so_every_request_trains_as_many_rows(tiny_pipeline_dir):
     def replay_rows(forgotten_before, *extra):
         module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg("batch=4", *extra), forgotten_before)

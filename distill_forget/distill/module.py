@@ -40,6 +40,8 @@ TRAINABLE = {
 }
 
 FORGET_OBJECTIVES = ("distill", "esd", "ablation")
+RETAIN_TEACHERS = ("previous", "base")  # replay.retain_teacher
+KEEPING_ROWS = ("retain", "neighbor", "unconditional", "twin")  # the rows it answers
 
 
 def forget_objective(cfg, noise_scheduler, draw):
@@ -122,6 +124,15 @@ class DistillForgetModule(L.LightningModule):
         for name in ("l1sp", "l2sp"):
             if regs[name].reference not in self.references:
                 raise ValueError(f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})")
+        if cfg.replay.retain_teacher not in RETAIN_TEACHERS:
+            got = cfg.replay.retain_teacher
+            raise ValueError(f"replay.retain_teacher must be one of {RETAIN_TEACHERS} (got {got!r})")
+        # Who answers the rows that keep things unchanged (retain, neighbour, empty prompt, twins):
+        # the teacher, or the base model M_0 (`replay.retain_teacher`); the forget and forgotten rows
+        # always read the teacher, which holds the earlier removals.
+        self.retain_teacher = teacher
+        if cfg.replay.retain_teacher == "base" and self.references["base"] is not teacher.unet:
+            self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
         self.weights = {
@@ -274,7 +285,8 @@ class DistillForgetModule(L.LightningModule):
         if self.weights["unconditional"] and carrier is not None:
             empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]
             rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], empty)
-        outputs = run_rows(self.student, self.teacher, rows) if rows else {}
+        taught_by = {name: self.retain_teacher for name in KEEPING_ROWS if name in rows}
+        outputs = run_rows(self.student, self.teacher, rows, taught_by) if rows else {}
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)
@@ -283,6 +295,12 @@ class DistillForgetModule(L.LightningModule):
                 reference = self.references[self.cfg.regularizers[name].reference]
                 losses[name] = self.objectives[name](self.unet, reference)
         return losses
+
+    @property
+    def teacher_evaluations(self) -> int:
+        """Samples through the frozen networks: the teacher, and the base model if it answers the retain rows."""
+        base = self.retain_teacher.evaluations if self.retain_teacher is not self.teacher else 0
+        return self.teacher.evaluations + base
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Before Lightning clips the gradient norm, so the clip sees the gradient actually used.

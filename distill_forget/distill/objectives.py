@@ -38,9 +38,10 @@ def noised(noise_scheduler, z0: torch.Tensor, t_high: int, draw: GlobalBatch) ->
     return noise_scheduler.add_noise(z0, noise, t), t
 
 
-def run_rows(student: Denoiser, teacher: Denoiser, rows: dict[str, Rows]):
-    """Every loss's rows through one teacher call (no gradients) and one student call.
+def run_rows(student: Denoiser, teacher: Denoiser, rows: dict[str, Rows], taught_by: dict[str, Denoiser] | None = None):
+    """Every loss's rows through one call per teacher (no gradients) and one student call.
 
+    `taught_by`: the rows some other frozen network answers for (by loss name); the rest `teacher`.
     Returns {name: (student output, [teacher outputs])}, in float32.
     """
 
@@ -50,10 +51,16 @@ def run_rows(student: Denoiser, teacher: Denoiser, rows: dict[str, Rows]):
                              Condition.cat([q[2] for q in queries]))  # fmt: skip
         return list(network(x_t, t, condition).float().split([len(q[0]) for q in queries]))
 
+    taught_by = taught_by or {}
+    taught = {}
     with torch.no_grad():
-        taught = iter(call(teacher, [(r.x_t, r.t, c) for r in rows.values() for c in r.teacher]))
+        for network in {id(n): n for n in [teacher, *taught_by.values()]}.values():
+            names = [name for name in rows if taught_by.get(name, teacher) is network]
+            if names:
+                outs = iter(call(network, [(rows[n].x_t, rows[n].t, c) for n in names for c in rows[n].teacher]))
+                taught.update({n: [next(outs) for _ in rows[n].teacher] for n in names})
     learnt = call(student, [(r.x_t, r.t, r.student) for r in rows.values()])
-    return {name: (out, [next(taught) for _ in r.teacher]) for (name, r), out in zip(rows.items(), learnt)}
+    return {name: (out, taught[name]) for name, out in zip(rows, learnt)}
 
 
 def per_sample(difference: torch.Tensor) -> torch.Tensor:

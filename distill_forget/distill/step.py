@@ -217,8 +217,11 @@ def build_module(
         flush=True,
     )
     regs = cfg.regularizers
+    wants_base = [regs.l1sp.reference, regs.l2sp.reference]
+    if cfg.lambda_r or cfg.lambda_n:  # the weights of the rows the retain teacher answers
+        wants_base.append(cfg.replay.retain_teacher)
     base_unet = None
-    if base_dir is not None and "base" in (regs.l1sp.reference, regs.l2sp.reference):
+    if base_dir is not None and "base" in wants_base:
         if Path(base_dir).resolve() != Path(teacher_dir).resolve():  # else the teacher is the base
             base_unet = load_pipeline(base_dir).unet.requires_grad_(False).eval()
     return DistillForgetModule(student_unet, teacher, encoder, groups, cfg, pipe.scheduler.config, base_unet), plan
@@ -391,7 +394,7 @@ def run_step(
     planning_seconds = plan.pop("seconds_planning")
     planning_evaluations = plan.pop("teacher_evaluations_planning")
     ranks = current_ranks()
-    per_rank = ranks.gather([module.teacher.evaluations, module.sampler.evaluations, module.student.evaluations])
+    per_rank = ranks.gather([module.teacher_evaluations, module.sampler.evaluations, module.student.evaluations])
     teacher_evaluations, sampling_evaluations, student_evaluations = [sum(c) for c in zip(*per_rank)] if per_rank else [0] * 3
     record = {
         "request": request.to_dict(),
