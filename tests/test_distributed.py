@@ -105,7 +105,10 @@ items = grid_prompts([0, 1])[:9]  # uneven shares: 5 and 4 images
 images = generate_sharded(pipe, items, cfg, ranks)
 if ranks.is_main:
     assert ranks.world == 2
-    assert torch.equal(images, generate(pipe, items, 1, 6.0, 9)), "the gathered grid is not the single-process one"
+    # Batches of other sizes may round a pixel differently on some CPUs (seen: 1 level of 255 with one batch
+    # of 9): equal up to that, which a wrong order or seed of the shares is far from.
+    single = generate(pipe, items, 1, 6.0, cfg.batch)
+    assert (images.int() - single.int()).abs().max() <= 1, "the gathered grid is not the single-process one"
     print("gathered", tuple(images.shape))
 else:
     assert images is None

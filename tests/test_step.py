@@ -561,7 +561,8 @@ def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_on
     previous = losses()  # the student starts as the teacher: nothing to learn but the forgetting
     assert previous["retain"] == previous["neighbor"] == previous["unconditional"] == previous["forgotten"] == 0.0
     base = losses("replay.retain_teacher=base")  # the student starts as the teacher, not as the base model
-    assert min(base["retain"], base["neighbor"], base["unconditional"]) > 1e-5 and base["forgotten"] == 0.0
+    assert min(base["retain"], base["neighbor"], base["unconditional"]) > 1e-5
+    assert base["forgotten"] < 1e-9  # the teacher's rows, batched apart from the student's: ~1e-14, not always 0
     base = losses("replay.retain_teacher=base", student_from=tiny_pipeline_dir)  # a student that is the base model
     assert max(base["retain"], base["neighbor"], base["unconditional"]) < 1e-9  # batched apart: ~1e-13, not 0
     assert base["forgotten"] > 1e-5
