@@ -40,8 +40,7 @@ TRAINABLE = {
 }
 
 FORGET_OBJECTIVES = ("distill", "esd", "ablation")
-RETAIN_TEACHERS = ("previous", "base")  # replay.retain_teacher
-KEEPING_ROWS = ("retain", "neighbor", "unconditional", "twin")  # the rows it answers
+KEEPING_ROWS = ("retain", "neighbor", "unconditional", "twin")  # the rows replay.retain_teacher answers
 
 
 def forget_objective(cfg, noise_scheduler, draw):
@@ -124,15 +123,16 @@ class DistillForgetModule(L.LightningModule):
         for name in ("l1sp", "l2sp"):
             if regs[name].reference not in self.references:
                 raise ValueError(f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})")
-        if cfg.replay.retain_teacher not in RETAIN_TEACHERS:
+        if cfg.replay.retain_teacher not in self.references:
             got = cfg.replay.retain_teacher
-            raise ValueError(f"replay.retain_teacher must be one of {RETAIN_TEACHERS} (got {got!r})")
+            raise ValueError(f"replay.retain_teacher must be 'previous' or 'base' (got {got!r})")
         # Who answers the rows that keep things unchanged (retain, neighbour, empty prompt, twins):
         # the teacher, or the base model M_0 (`replay.retain_teacher`); the forget and forgotten rows
-        # always read the teacher, which holds the earlier removals.
+        # always read the teacher, which holds the earlier removals. Fixed for the request: {row: network}.
         self.retain_teacher = teacher
-        if cfg.replay.retain_teacher == "base" and self.references["base"] is not teacher.unet:
+        if self.references[cfg.replay.retain_teacher] is not teacher.unet:
             self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)
+        self.taught_by = {name: self.retain_teacher for name in KEEPING_ROWS}
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
         self.weights = {
@@ -285,8 +285,7 @@ class DistillForgetModule(L.LightningModule):
         if self.weights["unconditional"] and carrier is not None:
             empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]
             rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], empty)
-        taught_by = {name: self.retain_teacher for name in KEEPING_ROWS if name in rows}
-        outputs = run_rows(self.student, self.teacher, rows, taught_by) if rows else {}
+        outputs = run_rows(self.student, self.teacher, rows, self.taught_by) if rows else {}
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)

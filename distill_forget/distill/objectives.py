@@ -51,14 +51,14 @@ def run_rows(student: Denoiser, teacher: Denoiser, rows: dict[str, Rows], taught
                              Condition.cat([q[2] for q in queries]))  # fmt: skip
         return list(network(x_t, t, condition).float().split([len(q[0]) for q in queries]))
 
-    taught_by = taught_by or {}
+    by_network: dict[Denoiser, list[str]] = {}
+    for name in rows:
+        by_network.setdefault((taught_by or {}).get(name, teacher), []).append(name)
     taught = {}
     with torch.no_grad():
-        for network in {id(n): n for n in [teacher, *taught_by.values()]}.values():
-            names = [name for name in rows if taught_by.get(name, teacher) is network]
-            if names:
-                outs = iter(call(network, [(rows[n].x_t, rows[n].t, c) for n in names for c in rows[n].teacher]))
-                taught.update({n: [next(outs) for _ in rows[n].teacher] for n in names})
+        for network, names in by_network.items():
+            outs = iter(call(network, [(rows[n].x_t, rows[n].t, c) for n in names for c in rows[n].teacher]))
+            taught.update({n: [next(outs) for _ in rows[n].teacher] for n in names})
     learnt = call(student, [(r.x_t, r.t, r.student) for r in rows.values()])
     return {name: (out, taught[name]) for name, out in zip(rows, learnt)}
 
