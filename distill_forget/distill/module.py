@@ -41,6 +41,7 @@ TRAINABLE = {
 
 FORGET_OBJECTIVES = ("distill", "esd", "ablation")
 KEEPING_ROWS = ("retain", "neighbor", "unconditional", "twin")  # the rows replay.retain_teacher answers
+RETAIN_TEACHERS = ("previous", "base", "blend")
 
 
 def forget_objective(cfg, noise_scheduler, draw):
@@ -78,6 +79,13 @@ def twin_table(twins: list[list[str]]) -> torch.Tensor:
         table.append([rows[j % len(rows)] for j in range(width)] if rows else [-1] * width)
         start += len(variants)
     return torch.tensor(table, dtype=torch.long)
+
+
+def split_rows(rows: Rows, near: torch.Tensor) -> tuple[Rows, Rows]:
+    """The rows where `near` holds, and the others."""
+    take = lambda keep: Rows(rows.x_t[keep], rows.t[keep], rows.student[keep], [c[keep] for c in rows.teacher])  # noqa: E731
+    near = near.to(rows.t.device)
+    return take(near), take(~near)
 
 
 class DistillForgetModule(L.LightningModule):
@@ -123,16 +131,21 @@ class DistillForgetModule(L.LightningModule):
         for name in ("l1sp", "l2sp"):
             if regs[name].reference not in self.references:
                 raise ValueError(f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})")
-        if cfg.replay.retain_teacher not in self.references:
+        if cfg.replay.retain_teacher not in RETAIN_TEACHERS:
             got = cfg.replay.retain_teacher
-            raise ValueError(f"replay.retain_teacher must be 'previous' or 'base' (got {got!r})")
+            raise ValueError(f"replay.retain_teacher must be one of {RETAIN_TEACHERS} (got {got!r})")
         # Who answers the rows that keep things unchanged (retain, neighbour, empty prompt, twins):
         # the teacher, or the base model M_0 (`replay.retain_teacher`); the forget and forgotten rows
         # always read the teacher, which holds the earlier removals. Fixed for the request: {row: network}.
+        # `blend`: M_0 answers the empty prompt and the retain rows far from the earlier removals
+        # (`groups.retain_near` false), the teacher the rest.
         self.retain_teacher = teacher
-        if self.references[cfg.replay.retain_teacher] is not teacher.unet:
+        if cfg.replay.retain_teacher != "previous" and self.references["base"] is not teacher.unet:
             self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)
-        self.taught_by = {name: self.retain_teacher for name in KEEPING_ROWS}
+        blend = cfg.replay.retain_teacher == "blend"
+        base_rows = ("retain_far", "unconditional") if blend else KEEPING_ROWS
+        self.taught_by = {name: self.retain_teacher for name in base_rows}
+        self.retain_near = torch.tensor(groups.retain_near, dtype=torch.bool) if blend and groups.retain_near else None
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
         self.weights = {
@@ -276,8 +289,10 @@ class DistillForgetModule(L.LightningModule):
             index, rows["forget"] = self.forget_rows()
             if self.twin_table is not None and (twins := self.twin_rows(index, rows["forget"])) is not None:
                 rows["twin"] = twins
+        indices = {}
         for group, size in self.local_rows.items():
-            index, z0 = self.replay.batch(group, size)
+            indices[group], z0 = self.replay.batch(group, size)
+            index = indices[group]
             teacher = self.embeds.get(f"{group}_mapped")  # forgotten prompts that follow a new target
             rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"],
                                                       None if teacher is None else teacher[index])  # fmt: skip
@@ -285,7 +300,14 @@ class DistillForgetModule(L.LightningModule):
         if self.weights["unconditional"] and carrier is not None:
             empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]
             rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], empty)
-        outputs = run_rows(self.student, self.teacher, rows, self.taught_by) if rows else {}
+        if self.retain_near is not None and "retain" in rows:
+            rows["retain"], rows["retain_far"] = split_rows(rows["retain"], self.retain_near[indices["retain"]])
+        outputs = run_rows(self.student, self.teacher, {n: r for n, r in rows.items() if len(r.t)}, self.taught_by) if rows else {}
+        if "retain_far" in rows:  # one retain loss over both halves
+            near, far = outputs.pop("retain", None), outputs.pop("retain_far", None)
+            halves = [h for h in (near, far) if h is not None]
+            outputs["retain"] = (torch.cat([h[0] for h in halves]), [torch.cat(ts) for ts in zip(*(h[1] for h in halves))])
+            del rows["retain_far"]
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)
