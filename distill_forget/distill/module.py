@@ -40,8 +40,10 @@ TRAINABLE = {
 }
 
 FORGET_OBJECTIVES = ("distill", "esd", "ablation")
-KEEPING_ROWS = ("retain", "neighbor", "unconditional", "twin")  # the rows replay.retain_teacher answers
-RETAIN_TEACHERS = ("previous", "base", "blend")
+# The rows that keep things unchanged which the base model M_0 answers, by `replay.retain_teacher`
+# (the teacher answers the others, and always the forget and forgotten rows).
+BASE_ROWS = {"previous": (), "base": ("retain", "neighbor", "unconditional", "twin"), "neighbors": ("neighbor", "twin"),
+             "neighbors_empty": ("neighbor", "twin", "unconditional")}
 
 
 def forget_objective(cfg, noise_scheduler, draw):
@@ -79,13 +81,6 @@ def twin_table(twins: list[list[str]]) -> torch.Tensor:
         table.append([rows[j % len(rows)] for j in range(width)] if rows else [-1] * width)
         start += len(variants)
     return torch.tensor(table, dtype=torch.long)
-
-
-def split_rows(rows: Rows, near: torch.Tensor) -> tuple[Rows, Rows]:
-    """The rows where `near` holds, and the others."""
-    take = lambda keep: Rows(rows.x_t[keep], rows.t[keep], rows.student[keep], [c[keep] for c in rows.teacher])  # noqa: E731
-    near = near.to(rows.t.device)
-    return take(near), take(~near)
 
 
 class DistillForgetModule(L.LightningModule):
@@ -131,21 +126,17 @@ class DistillForgetModule(L.LightningModule):
         for name in ("l1sp", "l2sp"):
             if regs[name].reference not in self.references:
                 raise ValueError(f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})")
-        if cfg.replay.retain_teacher not in RETAIN_TEACHERS:
+        if cfg.replay.retain_teacher not in BASE_ROWS:
             got = cfg.replay.retain_teacher
-            raise ValueError(f"replay.retain_teacher must be one of {RETAIN_TEACHERS} (got {got!r})")
+            raise ValueError(f"replay.retain_teacher must be one of {sorted(BASE_ROWS)} (got {got!r})")
         # Who answers the rows that keep things unchanged (retain, neighbour, empty prompt, twins):
-        # the teacher, or the base model M_0 (`replay.retain_teacher`); the forget and forgotten rows
-        # always read the teacher, which holds the earlier removals. Fixed for the request: {row: network}.
-        # `blend`: M_0 answers the empty prompt and the retain rows far from the earlier removals
-        # (`groups.retain_near` false), the teacher the rest.
+        # the teacher, or for `BASE_ROWS` the base model M_0; the forget and forgotten rows always
+        # read the teacher, which holds the earlier removals. Fixed for the request: {row: network}.
+        base_rows = BASE_ROWS[cfg.replay.retain_teacher]
         self.retain_teacher = teacher
-        if cfg.replay.retain_teacher != "previous" and self.references["base"] is not teacher.unet:
+        if base_rows and self.references["base"] is not teacher.unet:
             self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)
-        blend = cfg.replay.retain_teacher == "blend"
-        base_rows = ("retain_far", "unconditional") if blend else KEEPING_ROWS
         self.taught_by = {name: self.retain_teacher for name in base_rows}
-        self.retain_near = torch.tensor(groups.retain_near, dtype=torch.bool) if blend and groups.retain_near else None
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
         self.weights = {
@@ -289,10 +280,8 @@ class DistillForgetModule(L.LightningModule):
             index, rows["forget"] = self.forget_rows()
             if self.twin_table is not None and (twins := self.twin_rows(index, rows["forget"])) is not None:
                 rows["twin"] = twins
-        indices = {}
         for group, size in self.local_rows.items():
-            indices[group], z0 = self.replay.batch(group, size)
-            index = indices[group]
+            index, z0 = self.replay.batch(group, size)
             teacher = self.embeds.get(f"{group}_mapped")  # forgotten prompts that follow a new target
             rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"],
                                                       None if teacher is None else teacher[index])  # fmt: skip
@@ -300,14 +289,7 @@ class DistillForgetModule(L.LightningModule):
         if self.weights["unconditional"] and carrier is not None:
             empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]
             rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], empty)
-        if self.retain_near is not None and "retain" in rows:
-            rows["retain"], rows["retain_far"] = split_rows(rows["retain"], self.retain_near[indices["retain"]])
-        outputs = run_rows(self.student, self.teacher, {n: r for n, r in rows.items() if len(r.t)}, self.taught_by) if rows else {}
-        if "retain_far" in rows:  # one retain loss over both halves
-            near, far = outputs.pop("retain", None), outputs.pop("retain_far", None)
-            halves = [h for h in (near, far) if h is not None]
-            outputs["retain"] = (torch.cat([h[0] for h in halves]), [torch.cat(ts) for ts in zip(*(h[1] for h in halves))])
-            del rows["retain_far"]
+        outputs = run_rows(self.student, self.teacher, rows, self.taught_by) if rows else {}
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)

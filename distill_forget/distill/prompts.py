@@ -30,8 +30,6 @@ class PromptGroups:
     twins: list[list[str]] = field(default_factory=list)
     # the teacher's prompt for each forgotten prompt where it is not that prompt (`target.follow`); [] if none
     forgotten_mapped: list[str] = field(default_factory=list)
-    # retain_near[i]: retain[i] names a neighbour or a target of an earlier request (`replay.retain_teacher`)
-    retain_near: list[bool] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:
         return {
@@ -105,13 +103,12 @@ def replayable_concepts(fraction: float, seed: int) -> set[str]:
     return chosen
 
 
-def retain_rows(replayed: list[str]) -> list[tuple[str, set[str]]]:
-    """Prompts for the replayed concepts, mentioning no other concept, each with the concepts it
-    names: replayed objects x replayed styles in each paraphrase template, and each alone in its
-    kind's templates."""
+def retain_prompts(replayed: list[str]) -> list[str]:
+    """Prompts for the replayed concepts, mentioning no other concept: replayed objects x
+    replayed styles in each paraphrase template, and each alone in its kind's templates."""
     objects = [c for c in replayed if concepts.kind_of(c) == "object"]
     styles = [c for c in replayed if concepts.kind_of(c) == "style"]
-    rows = [(t.format(object=o, style=s), {o, s}) for t in concepts.PARAPHRASE_TEMPLATES for o in objects for s in styles]
-    rows += [(t.format(object=o), {o}) for t in concepts.OBJECT_TEMPLATES for o in objects]
-    rows += [(t.format(style=s), {s}) for t in concepts.STYLE_TEMPLATES for s in styles]
-    return rows
+    prompts = [t.format(object=o, style=s) for t in concepts.PARAPHRASE_TEMPLATES for o in objects for s in styles]
+    prompts += [t.format(object=o) for t in concepts.OBJECT_TEMPLATES for o in objects]
+    prompts += [t.format(style=s) for t in concepts.STYLE_TEMPLATES for s in styles]
+    return prompts

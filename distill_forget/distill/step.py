@@ -34,7 +34,7 @@ from distill_forget.distill.prompts import (
     other_kind,
     replace_concept,
     replayable_concepts,
-    retain_rows,
+    retain_prompts,
     world_concepts,
 )
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
@@ -85,10 +85,7 @@ def plan_prompts(
             return [c for c in retain_replayed if concepts.kind_of(c) == other_kind(kind)]
 
         forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
-        # Retain prompts near the earlier removals name an earlier neighbour or target.
-        near = {n for f in forgotten for n in (*f.neighbors, *f.targets)}
-        rows = retain_rows(retain_replayed)
-        retain, retain_near = [p for p, _ in rows], [bool(named & near) for _, named in rows]
+        retain = retain_prompts(retain_replayed)
         neighbor = [p for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
         earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
         # Unless `target.among_neighbors`, the protected neighbours are not offered as the
@@ -110,7 +107,6 @@ def plan_prompts(
         retain = list(cfg.retain.prompts)
         retain += [replace_concept(p, f.concept, n) for f in forgotten for n in f.neighbors if n in earlier_neighbors
                    for p in (f.prompts or [f.concept])]  # fmt: skip
-        retain_near = [i >= len(cfg.retain.prompts) for i in range(len(retain))]  # the earlier neighbours'
         neighbor = [replace_concept(p, request.concept, n) for n in neighbors for p in forget]
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = request.targets or [""]
@@ -134,18 +130,14 @@ def plan_prompts(
     # (`target.follow`): its forgotten replay copies the teacher's output for its prompts with
     # the new target in place of the earlier concept, instead of the teacher's output for the
     # prompts themselves, which still draws this concept.
-    # `target.follow=drop`: the followers' forgotten replay is dropped instead.
-    followers = [f.concept for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
-    dropped = followers if cfg.target.follow == "drop" else []
-    forgotten_rows = [(f.concept, p) for f in forgotten if f.concept not in dropped for p in earlier_prompts[f.concept]]
+    forgotten_rows = [(f.concept, p) for f in forgotten for p in earlier_prompts[f.concept]]
     forgotten_prompts, forgotten_mapped = [p for _, p in forgotten_rows], []
-    if dropped:
-        target_record["followers"] = {f: "(not replayed)" for f in dropped}
-    elif followers and target_record["counts"]:
+    followers = [f.concept for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
+    if followers and target_record["counts"]:
         new_target = max(target_record["counts"], key=target_record["counts"].get)
         target_record["followers"] = {f: new_target for f in followers}
         forgotten_mapped = [replace_concept(p, c, new_target) if c in followers else p for c, p in forgotten_rows]
-    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, retain_near)
+    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped)
     record = {
         "targets": target_record,
         "neighbors": neighbor_record,
@@ -153,8 +145,7 @@ def plan_prompts(
         "replayed_concepts": replayed,  # every retained concept some training prompt names
         "held_out_concepts": held_out,  # retained and never replayed: for *_unseen metrics
         "forgotten_before": [f.concept for f in forgotten],
-        "prompt_counts": {**{name: len(p) for name, p in groups.as_dict().items()}, "twins": sum(map(len, twins)),
-                          "retain_near": sum(retain_near)},  # fmt: skip
+        "prompt_counts": {**{name: len(p) for name, p in groups.as_dict().items()}, "twins": sum(map(len, twins))},
     }
     return groups, record
 
@@ -169,7 +160,7 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
     pooled = lambda name: [p for g, _ in plans for p in getattr(g, name)]  # noqa: E731
     last_groups, record = plans[-1]
     groups = PromptGroups(pooled("forget"), pooled("mapped"), last_groups.retain, list(dict.fromkeys(pooled("neighbor"))), [],
-                          pooled("twins"), retain_near=last_groups.retain_near)  # fmt: skip
+                          pooled("twins"))  # fmt: skip
     replayed = sorted({c for _, r in plans for c in r["replayed_concepts"]})
     record = {
         **record,
@@ -227,7 +218,7 @@ def build_module(
     )
     regs = cfg.regularizers
     wants_base = [regs.l1sp.reference, regs.l2sp.reference]
-    if (cfg.lambda_r or cfg.lambda_n) and cfg.replay.retain_teacher != "previous":  # the retain teacher's rows are trained
+    if (cfg.lambda_r or cfg.lambda_n) and cfg.replay.retain_teacher != "previous":  # M_0 answers trained rows
         wants_base.append("base")
     base_unet = None
     if base_dir is not None and "base" in wants_base:
