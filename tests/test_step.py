@@ -566,14 +566,53 @@ def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_on
     base = losses("replay.retain_teacher=base", student_from=tiny_pipeline_dir)  # a student that is the base model
     assert max(base["retain"], base["neighbor"], base["unconditional"]) < 1e-9  # batched apart: ~1e-13, not 0
     assert base["forgotten"] > 1e-5
-    # `neighbors`: M_0 answers the neighbour rows alone (the student starts as the teacher)
-    only_neighbors = losses("replay.retain_teacher=neighbors")
-    assert only_neighbors["neighbor"] > 1e-5 and only_neighbors["retain"] == only_neighbors["unconditional"] == 0.0
     with pytest.raises(ValueError, match="retain_teacher"):
         losses("replay.retain_teacher=original")
     naive_cfg = fast_cfg("replay.retain_teacher=base", "lambda_r=0", "lambda_n=0")
     naive, _ = build_module(teacher_dir, Request("circle", "object"), naive_cfg, [], base_dir=tiny_pipeline_dir)
     assert naive.retain_teacher is naive.teacher and naive.references["base"] is naive.teacher.unet  # not even loaded
+
+
+def test_untouched_has_the_base_model_answer_the_neighbours_no_earlier_request_touched(tiny_pipeline_dir, tmp_path):
+    teacher_pipe = load_pipeline(tiny_pipeline_dir)  # a teacher that is no longer the base model
+    with torch.no_grad():
+        for name, p in teacher_pipe.unet.named_parameters():
+            if ".attn2." in name:
+                p.add_(0.05)
+    teacher_dir = tmp_path / "teacher"
+    teacher_pipe.save_pretrained(teacher_dir)
+    heart = Request("heart", "object", neighbors=["square"], targets=["diamond"])  # an earlier request
+
+    def built(student_from):
+        cfg = fast_cfg("replay.retain_teacher=untouched", "batch=16", "replay.bank_size=16")
+        request = Request("circle", "object", neighbors=["ring", "square"])
+        module, _ = build_module(teacher_dir, request, cfg, [heart], base_dir=tiny_pipeline_dir)
+        module.unet.load_state_dict(load_pipeline(student_from).unet.state_dict())
+        module.setup("fit")
+        module.on_fit_start()
+        sample = module.replay.batch
+
+        def drawn(group, size):  # the micro-batch draws neighbour rows of both kinds
+            index, z0 = sample(group, size)
+            if group == "neighbor":
+                assert module.neighbor_touched[index].any() and not module.neighbor_touched[index].all()
+            return index, z0
+
+        module.replay.batch = drawn
+        return module
+
+    module = built(teacher_dir)
+    touched = ["square" in p for p in module.groups.neighbor]
+    assert module.groups.neighbor_touched == touched and any(touched) and not all(touched)
+    base = module.retain_teacher
+    assert base is not module.teacher and module.taught_by == {"neighbor_untouched": base, "unconditional": base}
+    losses = module.losses()  # the student is the teacher
+    assert losses["retain"].item() == 0.0 and losses["forgotten"].item() == 0.0
+    assert losses["unconditional"].item() > 1e-5 and losses["neighbor"].item() > 1e-5  # M_0's rows
+    module = built(tiny_pipeline_dir)  # the student is M_0
+    losses = module.losses()
+    assert losses["unconditional"].item() < 1e-9
+    assert min(losses["retain"].item(), losses["neighbor"].item()) > 1e-5  # the teacher's rows
 
 
 def test_forgotten_replay_takes_retain_rows_so_every_request_trains_as_many_rows(tiny_pipeline_dir):

@@ -42,8 +42,13 @@ TRAINABLE = {
 FORGET_OBJECTIVES = ("distill", "esd", "ablation")
 # The rows that keep things unchanged which the base model M_0 answers, by `replay.retain_teacher`
 # (the teacher answers the others, and always the forget and forgotten rows).
-BASE_ROWS = {"previous": (), "base": ("retain", "neighbor", "unconditional", "twin"), "neighbors": ("neighbor", "twin"),
-             "neighbors_empty": ("neighbor", "twin", "unconditional")}
+# `untouched`: the empty prompt and the neighbour rows of concepts no earlier request chose as a
+# neighbour or target (`groups.neighbor_touched`); the teacher answers the touched ones' rows.
+BASE_ROWS = {
+    "previous": (),
+    "base": ("retain", "neighbor", "unconditional", "twin"),
+    "untouched": ("neighbor_untouched", "unconditional"),
+}
 
 
 def forget_objective(cfg, noise_scheduler, draw):
@@ -81,6 +86,13 @@ def twin_table(twins: list[list[str]]) -> torch.Tensor:
         table.append([rows[j % len(rows)] for j in range(width)] if rows else [-1] * width)
         start += len(variants)
     return torch.tensor(table, dtype=torch.long)
+
+
+def split_rows(rows: Rows, chosen: torch.Tensor) -> tuple[Rows, Rows]:
+    """The rows where `chosen` holds, and the others."""
+    take = lambda keep: Rows(rows.x_t[keep], rows.t[keep], rows.student[keep], [c[keep] for c in rows.teacher])  # noqa: E731
+    chosen = chosen.to(rows.t.device)
+    return take(chosen), take(~chosen)
 
 
 class DistillForgetModule(L.LightningModule):
@@ -137,6 +149,9 @@ class DistillForgetModule(L.LightningModule):
         if base_rows and self.references["base"] is not teacher.unet:
             self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)
         self.taught_by = {name: self.retain_teacher for name in base_rows}
+        self.neighbor_touched = None  # `untouched`: which neighbour prompts the teacher answers
+        if "neighbor_untouched" in base_rows and groups.neighbor_touched:
+            self.neighbor_touched = torch.tensor(groups.neighbor_touched, dtype=torch.bool)
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
         self.weights = {
@@ -280,8 +295,10 @@ class DistillForgetModule(L.LightningModule):
             index, rows["forget"] = self.forget_rows()
             if self.twin_table is not None and (twins := self.twin_rows(index, rows["forget"])) is not None:
                 rows["twin"] = twins
+        drawn = {}  # the prompt index of each replay group's rows
         for group, size in self.local_rows.items():
             index, z0 = self.replay.batch(group, size)
+            drawn[group] = index
             teacher = self.embeds.get(f"{group}_mapped")  # forgotten prompts that follow a new target
             rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"],
                                                       None if teacher is None else teacher[index])  # fmt: skip
@@ -289,7 +306,13 @@ class DistillForgetModule(L.LightningModule):
         if self.weights["unconditional"] and carrier is not None:
             empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]
             rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], empty)
-        outputs = run_rows(self.student, self.teacher, rows, self.taught_by) if rows else {}
+        if self.neighbor_touched is not None and "neighbor" in rows:
+            rows["neighbor"], rows["neighbor_untouched"] = split_rows(rows["neighbor"], self.neighbor_touched[drawn["neighbor"]])
+        outputs = run_rows(self.student, self.teacher, {n: r for n, r in rows.items() if len(r.t)}, self.taught_by) if rows else {}
+        if "neighbor_untouched" in rows:  # one neighbour loss over both halves
+            del rows["neighbor_untouched"]
+            halves = [outputs.pop(n) for n in ("neighbor", "neighbor_untouched") if n in outputs]
+            outputs["neighbor"] = (torch.cat([h[0] for h in halves]), [torch.cat(ts) for ts in zip(*(h[1] for h in halves))])
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)

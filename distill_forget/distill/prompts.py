@@ -30,6 +30,8 @@ class PromptGroups:
     twins: list[list[str]] = field(default_factory=list)
     # the teacher's prompt for each forgotten prompt where it is not that prompt (`target.follow`); [] if none
     forgotten_mapped: list[str] = field(default_factory=list)
+    # neighbor_touched[i]: neighbor[i]'s concept was a neighbour or target of an earlier request
+    neighbor_touched: list[bool] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:
         return {

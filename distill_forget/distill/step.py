@@ -86,7 +86,7 @@ def plan_prompts(
 
         forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
         retain = retain_prompts(retain_replayed)
-        neighbor = [p for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
+        neighbor_rows = [(n, p) for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
         earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
         # Unless `target.among_neighbors`, the protected neighbours are not offered as the
         # replacement; unless `target.reuse`, neither are the targets of earlier requests; with
@@ -107,10 +107,14 @@ def plan_prompts(
         retain = list(cfg.retain.prompts)
         retain += [replace_concept(p, f.concept, n) for f in forgotten for n in f.neighbors if n in earlier_neighbors
                    for p in (f.prompts or [f.concept])]  # fmt: skip
-        neighbor = [replace_concept(p, request.concept, n) for n in neighbors for p in forget]
+        neighbor_rows = [(n, replace_concept(p, request.concept, n)) for n in neighbors for p in forget]
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = request.targets or [""]
         retain_replayed, replayed, held_out = [], list(neighbors), []
+
+    neighbor = [p for _, p in neighbor_rows]
+    touched = {c for f in forgotten for c in (*f.neighbors, *f.targets)}  # by earlier requests
+    neighbor_touched = [n in touched for n, _ in neighbor_rows]
 
     if cfg.forget_objective == "esd":  # negative guidance maps to no other prompt: no target to choose
         targets, target_record = [""] * len(forget), {"mode": "none (esd)", "counts": {}}
@@ -137,7 +141,7 @@ def plan_prompts(
         new_target = max(target_record["counts"], key=target_record["counts"].get)
         target_record["followers"] = {f: new_target for f in followers}
         forgotten_mapped = [replace_concept(p, c, new_target) if c in followers else p for c, p in forgotten_rows]
-    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped)
+    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, neighbor_touched)
     record = {
         "targets": target_record,
         "neighbors": neighbor_record,
@@ -145,7 +149,8 @@ def plan_prompts(
         "replayed_concepts": replayed,  # every retained concept some training prompt names
         "held_out_concepts": held_out,  # retained and never replayed: for *_unseen metrics
         "forgotten_before": [f.concept for f in forgotten],
-        "prompt_counts": {**{name: len(p) for name, p in groups.as_dict().items()}, "twins": sum(map(len, twins))},
+        "prompt_counts": {**{name: len(p) for name, p in groups.as_dict().items()}, "twins": sum(map(len, twins)),
+                          "neighbor_touched": sum(neighbor_touched)},  # fmt: skip
     }
     return groups, record
 
@@ -159,8 +164,9 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
     plans = [plan_prompts(r, [o for o in requests if o is not r], cfg, distances, encoder) for r in requests]
     pooled = lambda name: [p for g, _ in plans for p in getattr(g, name)]  # noqa: E731
     last_groups, record = plans[-1]
-    groups = PromptGroups(pooled("forget"), pooled("mapped"), last_groups.retain, list(dict.fromkeys(pooled("neighbor"))), [],
-                          pooled("twins"))  # fmt: skip
+    neighbors = dict(zip(pooled("neighbor"), pooled("neighbor_touched")))  # each prompt once
+    groups = PromptGroups(pooled("forget"), pooled("mapped"), last_groups.retain, list(neighbors), [], pooled("twins"),
+                          neighbor_touched=list(neighbors.values()))  # fmt: skip
     replayed = sorted({c for _, r in plans for c in r["replayed_concepts"]})
     record = {
         **record,
