@@ -95,6 +95,11 @@ def split_rows(rows: Rows, chosen: torch.Tensor) -> tuple[Rows, Rows]:
     return take(chosen), take(~chosen)
 
 
+def joined(*outputs: tuple) -> tuple:
+    """One loss's (student output, [teacher outputs]) from those of its split rows."""
+    return torch.cat([o[0] for o in outputs]), [torch.cat(ts) for ts in zip(*(o[1] for o in outputs))]
+
+
 class DistillForgetModule(L.LightningModule):
     def __init__(
         self,
@@ -309,10 +314,8 @@ class DistillForgetModule(L.LightningModule):
         if self.neighbor_touched is not None and "neighbor" in rows:
             rows["neighbor"], rows["neighbor_untouched"] = split_rows(rows["neighbor"], self.neighbor_touched[drawn["neighbor"]])
         outputs = run_rows(self.student, self.teacher, {n: r for n, r in rows.items() if len(r.t)}, self.taught_by) if rows else {}
-        if "neighbor_untouched" in rows:  # one neighbour loss over both halves
-            del rows["neighbor_untouched"]
-            halves = [outputs.pop(n) for n in ("neighbor", "neighbor_untouched") if n in outputs]
-            outputs["neighbor"] = (torch.cat([h[0] for h in halves]), [torch.cat(ts) for ts in zip(*(h[1] for h in halves))])
+        if rows.pop("neighbor_untouched", None) is not None:  # one neighbour loss over both halves
+            outputs["neighbor"] = joined(*(outputs.pop(n) for n in ("neighbor", "neighbor_untouched") if n in outputs))
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)
