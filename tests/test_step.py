@@ -243,6 +243,27 @@ def test_relative_forget_loss_is_the_share_of_the_way_to_the_target_left(network
         ForgetMapping(scheduler, 600, GlobalBatch(seed=0), scale="huber")
 
 
+def test_overshoot_moves_the_forget_target_past_the_mapped_prompt_away_from_the_concept(networks):
+    teacher, encoder = networks
+    scheduler = training_scheduler()
+    z0 = torch.randn(3, *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
+    forget, mapped = encoder(["a star in mosaic style"] * 3), encoder(["a square in mosaic style"] * 3)
+
+    class AnswersMapped(Denoiser):  # reads the mapped prompt whatever it is given
+        def __call__(self, x_t, t, condition):
+            return super().__call__(x_t, t, mapped[: len(x_t)])
+
+    def loss(student: Denoiser, overshoot: float) -> float:
+        objective = ForgetMapping(scheduler, 999, GlobalBatch(seed=3), overshoot=overshoot)
+        return objective(student, teacher, z0, forget, mapped).item()
+
+    # target = T(p_m) + 0.5 (T(p_m) - T(p_f)): the teacher is 1.5 gaps from it, the mapped answer 0.5
+    gap = loss(Denoiser(copy.deepcopy(teacher.unet)), 0.0)
+    assert loss(AnswersMapped(teacher.unet), 0.0) == pytest.approx(0.0, abs=1e-9)
+    assert loss(Denoiser(copy.deepcopy(teacher.unet)), 0.5) == pytest.approx(1.5**2 * gap, rel=1e-4)
+    assert loss(AnswersMapped(teacher.unet), 0.5) == pytest.approx(0.5**2 * gap, rel=1e-4)
+
+
 def test_relative_retain_loss_is_zero_for_the_teacher_and_scaled_by_its_conditional_signal(networks):
     teacher, encoder = networks
     scheduler = training_scheduler()
@@ -399,6 +420,14 @@ def test_an_earlier_request_mapped_onto_the_concept_follows_it_to_its_new_target
                 assert teacher_prompt == (replace_concept(p, "stripes", "mosaic") if "stripes" in mentioned(p) else p)
         else:
             assert groups.forgotten_mapped == [] and "followers" not in plan["targets"]
+    # remap_forgotten: every earlier request's prompts are answered with its own target in place,
+    # and the one mapped onto the concept forgotten now with this request's target
+    groups, plan = plan_prompts(flat, [stripes, dots], fast_cfg("target.mode=score", "target.remap_forgotten=true"), distances, None)
+    assert plan["targets"]["followers"] == {"stripes": "mosaic"}
+    expected = {"stripes": "mosaic", "dots": "pastel color"}
+    for p, teacher_prompt in zip(groups.forgotten, groups.forgotten_mapped, strict=True):
+        (concept,) = [c for c in expected if c in mentioned(p)]
+        assert teacher_prompt == replace_concept(p, concept, expected[concept]) != p
 
 
 def test_forgotten_replay_reads_the_teacher_at_the_followed_prompts(networks):

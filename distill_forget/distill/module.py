@@ -54,7 +54,7 @@ BASE_ROWS = {
 def forget_objective(cfg, noise_scheduler, draw):
     """The forget loss named by `forget_objective`: distill (ForgetMapping) | esd | ablation."""
     if cfg.forget_objective == "distill":
-        return ForgetMapping(noise_scheduler, cfg.t_max, draw, cfg.loss_scale)
+        return ForgetMapping(noise_scheduler, cfg.t_max, draw, cfg.loss_scale, cfg.forget_overshoot)
     if cfg.forget_objective == "esd":
         return ESD(noise_scheduler, cfg.esd.eta, draw)
     if cfg.forget_objective == "ablation":

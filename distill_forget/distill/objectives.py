@@ -107,20 +107,23 @@ class ForgetMapping(DistillationLoss):
 
     latents, reference = "forget", "mapped"  # the replay group of z0; the teacher's prompt group
 
-    def __init__(self, noise_scheduler, t_max: int, draw: GlobalBatch, scale: str = "mse"):
+    def __init__(self, noise_scheduler, t_max: int, draw: GlobalBatch, scale: str = "mse", overshoot: float = 0.0):
         super().__init__()
         last = noise_scheduler.config.num_train_timesteps - 1
         if not 0 <= t_max <= last:
             raise ValueError(f"t_max={t_max}: the forget mapping's timesteps must lie in [0, {last}]")
         self.noise_scheduler, self.t_max, self.draw, self.scale = noise_scheduler, t_max, draw, checked_scale(scale)
+        self.overshoot = overshoot
 
     def rows(self, z0, forget_embeds, mapped_embeds) -> Rows:
         x_t, t = noised(self.noise_scheduler, z0, self.t_max + 1, self.draw)
-        teacher = [mapped_embeds] if self.scale == "mse" else [forget_embeds, mapped_embeds]
+        teacher = [mapped_embeds] if self.scale == "mse" and not self.overshoot else [forget_embeds, mapped_embeds]
         return Rows(x_t, t, forget_embeds, teacher)
 
     def loss(self, student_out, teacher_outs) -> torch.Tensor:
         target = teacher_outs[-1]
+        if self.overshoot:
+            target = target + self.overshoot * (target - teacher_outs[0])
         if self.scale == "mse":
             return F.mse_loss(student_out, target)
         gap = per_sample(teacher_outs[0] - target).clamp_min(1e-12)
