@@ -420,14 +420,6 @@ def test_an_earlier_request_mapped_onto_the_concept_follows_it_to_its_new_target
                 assert teacher_prompt == (replace_concept(p, "stripes", "mosaic") if "stripes" in mentioned(p) else p)
         else:
             assert groups.forgotten_mapped == [] and "followers" not in plan["targets"]
-    # remap_forgotten: every earlier request's prompts are answered with its own target in place,
-    # and the one mapped onto the concept forgotten now with this request's target
-    groups, plan = plan_prompts(flat, [stripes, dots], fast_cfg("target.mode=score", "target.remap_forgotten=true"), distances, None)
-    assert plan["targets"]["followers"] == {"stripes": "mosaic"}
-    expected = {"stripes": "mosaic", "dots": "pastel color"}
-    for p, teacher_prompt in zip(groups.forgotten, groups.forgotten_mapped, strict=True):
-        (concept,) = [c for c in expected if c in mentioned(p)]
-        assert teacher_prompt == replace_concept(p, concept, expected[concept]) != p
 
 
 def test_forgotten_replay_reads_the_teacher_at_the_followed_prompts(networks):

@@ -103,6 +103,10 @@ class ForgetMapping(DistillationLoss):
     so the loss is the share of the way to the target still to go (1 for the teacher) and
     every timestep counts alike. Under `mse` the high-noise timesteps, where the teacher's two
     predictions differ least but where an object's shape is decided, weigh almost nothing.
+
+    `overshoot` η > 0 (not published) aims past the target, away from the concept:
+    `eps(T, p_m) + η (eps(T, p_m) - eps(T, p_f))`, since the mapping learnt on the training
+    sentences carries to other sentences only part of the way (`python -m distill_forget.forget_transfer`).
     """
 
     latents, reference = "forget", "mapped"  # the replay group of z0; the teacher's prompt group

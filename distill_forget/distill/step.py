@@ -84,16 +84,10 @@ def plan_prompts(
             # held-out concept appears in no training prompt at all.
             return [c for c in retain_replayed if concepts.kind_of(c) == other_kind(kind)]
 
-        def removal_context(kind: str) -> list[str]:
-            # The forget and forgotten-replay prompts also pair their concept with the concepts
-            # earlier requests forgot (`pair_forgotten`): the teacher answers those with both removals.
-            earlier = [f.concept for f in forgotten if concepts.kind_of(f.concept) == other_kind(kind)]
-            return context(kind) + (earlier if cfg.pair_forgotten else [])
-
-        forget = request.prompts or in_context(request.concept, request.kind, removal_context(request.kind))
+        forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
         retain = retain_prompts(retain_replayed)
         neighbor_rows = [(n, p) for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
-        earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, removal_context(f.kind)) for f in forgotten}
+        earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
         # Unless `target.among_neighbors`, the protected neighbours are not offered as the
         # replacement; unless `target.reuse`, neither are the targets of earlier requests; with
         # `target.avoid_pending`, neither are the concepts later requests will forget.
@@ -142,20 +136,11 @@ def plan_prompts(
     # prompts themselves, which still draws this concept.
     forgotten_rows = [(f.concept, p) for f in forgotten for p in earlier_prompts[f.concept]]
     forgotten_prompts, forgotten_mapped = [p for _, p in forgotten_rows], []
-    remap = cfg.target.remap_forgotten
-    followers = [f.concept for f in forgotten if request.concept in f.targets] if cfg.target.follow or remap else []
-    teacher_target = {}  # earlier concept -> the target the teacher answers its prompts with
+    followers = [f.concept for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
     if followers and target_record["counts"]:
         new_target = max(target_record["counts"], key=target_record["counts"].get)
         target_record["followers"] = {f: new_target for f in followers}
-        teacher_target = {f: new_target for f in followers}
-    if remap:
-        teacher_target = {f.concept: f.targets[0] for f in forgotten if len(f.targets) == 1} | teacher_target
-    if followers and teacher_target and cfg.target.follow_in_forget:  # experiment: followers are forget rows too
-        extra = [(p, replace_concept(p, c, teacher_target[c])) for c, p in forgotten_rows if c in followers]
-        forget, mapped, twins = forget + [p for p, _ in extra], mapped + [m for _, m in extra], twins + [[] for _ in extra]
-    if teacher_target:
-        forgotten_mapped = [replace_concept(p, c, teacher_target[c]) if c in teacher_target else p for c, p in forgotten_rows]
+        forgotten_mapped = [replace_concept(p, c, new_target) if c in followers else p for c, p in forgotten_rows]
     groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, neighbor_touched)
     record = {
         "targets": target_record,
