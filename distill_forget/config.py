@@ -49,15 +49,25 @@ def load_config(name: str, argv: list[str] | None = None, doc: str = "", section
         if not preset_path.is_file():
             raise SystemExit(f"config={preset}: no such file (nor {preset_path})")
         settings = OmegaConf.load(preset_path)
-        unknown = [k for k in _flat_keys(settings) if OmegaConf.select(base, k, default="__missing__") == "__missing__"]
+        unknown = [k for k in _flat_keys(settings) if not _known(base, k)]
         if unknown:
             raise SystemExit(f"{preset_path}: unknown setting(s) {unknown}; see --help for the settings of this command")
         base = OmegaConf.merge(base, settings)
     overrides = OmegaConf.from_dotlist(argv)
-    unknown = [k for k in _flat_keys(overrides) if OmegaConf.select(base, k, default="__missing__") == "__missing__"]
+    unknown = [k for k in _flat_keys(overrides) if not _known(base, k)]
     if unknown:
         raise SystemExit(f"unknown setting(s) {unknown}; see --help for the settings of this command")
     return OmegaConf.merge(base, overrides)
+
+
+def _known(base: DictConfig, key: str) -> bool:
+    """A setting of `base`, or a key inside a mapping of settings named `*_overrides`
+    (`step.target.chain_overrides`), whose contents are checked where they are used."""
+    if OmegaConf.select(base, key, default="__missing__") != "__missing__":
+        return True
+    parts = key.split(".")
+    return any(part.endswith("_overrides") and isinstance(OmegaConf.select(base, ".".join(parts[: i + 1])), DictConfig)
+               for i, part in enumerate(parts[:-1]))  # fmt: skip
 
 
 def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

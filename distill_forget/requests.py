@@ -135,11 +135,16 @@ def _parse_one(entry, where: str) -> Request:
 
 def merge_overrides(settings: DictConfig, request: Request) -> DictConfig:
     """`settings` with the request's overrides merged in; unknown setting names are errors."""
+    where = request.where or repr(request.concept)
+    return merge_settings(settings, request.overrides, f"{where}: field 'overrides'", RequestFileError)
+
+
+def merge_settings(settings: DictConfig, overrides: dict, where: str, error=ValueError) -> DictConfig:
+    """`settings` with `overrides` (nested step settings) merged in; an unknown name raises `error`."""
     merged = copy.deepcopy(settings)
-    for key, value in _flat(request.overrides):
+    for key, value in _flat(overrides):
         if OmegaConf.select(settings, key, default="__missing__") == "__missing__":
-            where = request.where or repr(request.concept)
-            raise RequestFileError(f"{where}: field 'overrides': {key!r} is not a step setting (see configs/step.yaml)")
+            raise error(f"{where}: {key!r} is not a step setting (see configs/step.yaml)")
         OmegaConf.update(merged, key, value, merge=True)
     return merged
 

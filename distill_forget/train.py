@@ -33,7 +33,7 @@ from distill_forget.merging import MERGE_METHODS, merge_states, unet_state
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device, unet_weight_files
 from distill_forget.report import write_report
-from distill_forget.requests import RequestFileError, check_minicanvas, load_requests
+from distill_forget.requests import RequestFileError, check_minicanvas, load_requests, merge_settings
 from distill_forget.storage import atomic_file, torch_load, torch_save, write_json
 
 
@@ -99,6 +99,11 @@ def check_loop_settings(cfg) -> None:
         raise SystemExit(f"merge.method must be one of {', '.join(MERGE_METHODS)} (got {cfg.merge.method!r})")
     if cfg.merge.method != "none" and cfg.setting != "independent":
         raise SystemExit(f"merge.method={cfg.merge.method} merges independent runs: it needs setting=independent")
+    chain = cfg.step.target.chain_overrides
+    try:  # checked now, not when the sequence first reaches a chain
+        merge_settings(cfg.step, OmegaConf.to_container(chain) if chain else {}, "step.target.chain_overrides")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def evaluation_for(records_so_far: list[dict], setting: str = "sequential") -> dict:

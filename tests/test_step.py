@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from distill_forget.config import load_config
 from distill_forget.distill.global_batch import GlobalBatch
@@ -22,7 +23,15 @@ from distill_forget.distill.objectives import (
 from distill_forget.distill.module import TRAINABLE
 from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.prompts import replace_concept
-from distill_forget.distill.step import RECORD_FILE, build_module, make_trainer, plan_prompts, run_step, step_indices
+from distill_forget.distill.step import (
+    RECORD_FILE,
+    build_module,
+    make_trainer,
+    plan_prompts,
+    request_settings,
+    run_step,
+    step_indices,
+)
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_targets, score_distance
 from distill_forget.pipelines import load_pipeline
 from distill_forget.requests import Request, RequestFileError, check_minicanvas, load_requests
@@ -420,6 +429,22 @@ def test_an_earlier_request_mapped_onto_the_concept_follows_it_to_its_new_target
                 assert teacher_prompt == (replace_concept(p, "stripes", "mosaic") if "stripes" in mentioned(p) else p)
         else:
             assert groups.forgotten_mapped == [] and "followers" not in plan["targets"]
+
+
+def test_chain_overrides_apply_where_an_earlier_request_was_mapped_onto_the_concept():
+    cfg = fast_cfg()
+    assert dict(cfg.target.chain_overrides) == {"forget_overshoot": 0.5, "lambda_forgotten": 25.0}  # the default
+    cross = Request("cross", "object", targets=["triangle"])  # cross -> triangle, earlier
+    triangle = Request("triangle", "object", overrides={"lambda_forgotten": 10.0})
+    chained = request_settings(cfg, triangle, [cross])
+    assert chained.forget_overshoot == 0.5 and chained.lambda_forgotten == 10.0  # the request's own overrides win
+    plain = request_settings(cfg, Request("heart", "object"), [cross])
+    assert plain.forget_overshoot == 0.0 and plain.lambda_forgotten == 5.0  # configs/step.yaml's own values
+    off = OmegaConf.merge(fast_cfg(), {"target": {"chain_overrides": None}})  # null: none
+    assert request_settings(off, triangle, [cross]).forget_overshoot == fast_cfg().forget_overshoot
+    misspelt = OmegaConf.merge(fast_cfg(), {"target": {"chain_overrides": {"forget_overshot": 0.5}}})
+    with pytest.raises(ValueError, match="chain_overrides.*forget_overshot"):
+        request_settings(misspelt, triangle, [cross])
 
 
 def test_forgotten_replay_reads_the_teacher_at_the_followed_prompts(networks):

@@ -163,3 +163,19 @@ def test_the_loop_tells_each_step_which_concepts_later_requests_will_forget(tmp_
         loop.main([f"requests={requests}", f"run_dir={tmp_path / 'run'}", f"judge={random_judge}", *FAST,
                    "evaluate_every_step=false"])  # fmt: skip
     assert seen == [["dots", "triangle"]]
+
+
+def test_chain_overrides_come_from_the_command_line_and_are_checked_before_any_work():
+    from distill_forget.config import load_config
+
+    def settings(*argv):
+        return load_config("train", list(argv), sections=("step", "evaluate"))
+
+    cfg = settings("step.target.chain_overrides.forget_overshoot=1.0", "step.target.chain_overrides.lr=2e-4")
+    assert dict(cfg.step.target.chain_overrides) == {"forget_overshoot": 1.0, "lambda_forgotten": 25.0, "lr": 2e-4}
+    loop.check_loop_settings(cfg)
+    loop.check_loop_settings(settings("step.target.chain_overrides=null"))  # none
+    with pytest.raises(SystemExit, match="chain_overrides: 'forget_overshot' is not a step setting"):
+        loop.check_loop_settings(settings("step.target.chain_overrides={forget_overshot: 0.5}"))
+    with pytest.raises(SystemExit, match="unknown setting"):  # only an empty-by-default mapping is free-form
+        settings("step.target.reuse.x=1")

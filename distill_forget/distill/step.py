@@ -39,7 +39,7 @@ from distill_forget.distill.prompts import (
 )
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
 from distill_forget.pipelines import load_pipeline, pick_device
-from distill_forget.requests import Request, RequestFileError, check_minicanvas, merge_overrides
+from distill_forget.requests import Request, RequestFileError, check_minicanvas, merge_overrides, merge_settings
 from distill_forget.storage import atomic_dir, write_json
 from distill_forget.world import concepts
 
@@ -180,6 +180,15 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
     return groups, record
 
 
+def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]) -> DictConfig:
+    """The step settings of `request`: `target.chain_overrides` merged in when an earlier request
+    was mapped onto its concept (the end of a chain of targets), then the request's own `overrides`."""
+    chain = cfg.target.chain_overrides
+    if chain and any(request.concept in f.targets for f in forgotten):
+        cfg = merge_settings(cfg, OmegaConf.to_container(chain), "step.target.chain_overrides")
+    return merge_overrides(cfg, request)
+
+
 def build_module(
     teacher_dir, request: Request, cfg: DictConfig, forgotten_before=(), base_dir=None, forget_together=(), pending=()
 ) -> tuple[DistillForgetModule, dict]:
@@ -191,10 +200,10 @@ def build_module(
     the sequence will forget, no target candidates with `target.avoid_pending`.
     """
     started = time.time()
-    cfg = merge_overrides(cfg, request)
+    forgotten = [as_request(f, cfg.world) for f in (*forget_together, *forgotten_before)]
+    cfg = request_settings(cfg, request, forgotten)
     if forget_together:
         cfg = OmegaConf.merge(cfg, {"steps": cfg.steps * (len(forget_together) + 1)})
-    forgotten = [as_request(f, cfg.world) for f in (*forget_together, *forgotten_before)]
     if cfg.world == "minicanvas":
         check_minicanvas([request, *forgotten])
     device = pick_device("cpu" if cfg.accelerator == "cpu" else "auto")
