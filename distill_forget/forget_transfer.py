@@ -22,6 +22,7 @@ import torch
 
 from distill_forget.config import load_config
 from distill_forget.distill.networks import Denoiser, prompt_encoder
+from distill_forget.distill.objectives import per_sample
 from distill_forget.distill.prompts import other_kind, replace_concept, world_concepts
 from distill_forget.distill.replay import TeacherSampler
 from distill_forget.pipelines import load_pipeline
@@ -55,8 +56,8 @@ def share_left(teacher_dir, student_dir, concept: str, target: str, timesteps, s
             noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 1 + int(t)))
             x_t = noise_scheduler.add_noise(z0, noise, t_batch)
             toward = teacher(x_t, t_batch, mapped)
-            left = (student(x_t, t_batch, forget) - toward).pow(2).flatten(1).sum(1)
-            whole = (teacher(x_t, t_batch, forget) - toward).pow(2).flatten(1).sum(1).clamp_min(1e-12)
+            left = per_sample(student(x_t, t_batch, forget) - toward)
+            whole = per_sample(teacher(x_t, t_batch, forget) - toward).clamp_min(1e-12)
             row.append(float((left / whole).mean()))
         table[name] = row
     return table

@@ -22,6 +22,20 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def teacher_dir(tiny_pipeline_dir, tmp_path):
+    """A model that is no longer the base model: `tiny_pipeline_dir` with perturbed cross-attention."""
+    from distill_forget.pipelines import load_pipeline
+
+    teacher_pipe = load_pipeline(tiny_pipeline_dir)
+    with torch.no_grad():
+        for name, p in teacher_pipe.unet.named_parameters():
+            if ".attn2." in name:
+                p.add_(0.05)
+    teacher_pipe.save_pretrained(tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+@pytest.fixture
 def two_requests(tmp_path):
     """A request file forgetting a style, then an object."""
     path = tmp_path / "requests.yaml"

@@ -1,10 +1,8 @@
 """The forget-transfer check: a student that is the teacher has all of the way left, a changed one does not."""
 
 import pytest
-import torch
 
 from distill_forget.forget_transfer import sentence_forms, share_left
-from distill_forget.pipelines import load_pipeline
 from distill_forget.world import concepts
 
 
@@ -15,16 +13,10 @@ def test_sentence_forms_pair_the_concept_with_every_concept_of_the_other_kind():
     assert all(len(p) == len(concepts.OBJECTS) and all("dots" in s for s in p) for p in forms.values())
 
 
-def test_the_teacher_itself_has_all_of_the_way_left_and_a_changed_student_not(tiny_pipeline_dir, tmp_path):
+def test_the_teacher_itself_has_all_of_the_way_left_and_a_changed_student_not(tiny_pipeline_dir, teacher_dir):
     same = share_left(tiny_pipeline_dir, tiny_pipeline_dir, "star", "arrow", [300, 700], sampling_steps=2)
     assert set(same) == set(sentence_forms("star"))
     assert all(v == pytest.approx(1.0, abs=1e-5) for row in same.values() for v in row)
 
-    pipe = load_pipeline(tiny_pipeline_dir)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if ".attn2.to_v." in name:
-                param.mul_(0.5)
-    pipe.save_pretrained(tmp_path / "student")
-    changed = share_left(tiny_pipeline_dir, tmp_path / "student", "star", "arrow", [300, 700], sampling_steps=2)
+    changed = share_left(tiny_pipeline_dir, teacher_dir, "star", "arrow", [300, 700], sampling_steps=2)  # perturbed attn2
     assert all(abs(v - 1.0) > 1e-3 for row in changed.values() for v in row)

@@ -586,18 +586,6 @@ def test_neighbour_twins_are_replayed_at_the_forget_rows_latents(tiny_pipeline_d
     assert "twin" not in built("neighbors.twins=true", "lambda_n=0").losses()  # the baselines' "no replay"
 
 
-@pytest.fixture
-def teacher_dir(tiny_pipeline_dir, tmp_path):
-    """A teacher that is no longer the base model: `tiny_pipeline_dir` with perturbed cross-attention."""
-    teacher_pipe = load_pipeline(tiny_pipeline_dir)
-    with torch.no_grad():
-        for name, p in teacher_pipe.unet.named_parameters():
-            if ".attn2." in name:
-                p.add_(0.05)
-    teacher_pipe.save_pretrained(tmp_path / "teacher")
-    return tmp_path / "teacher"
-
-
 def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_ones(tiny_pipeline_dir, teacher_dir):
 
     def losses(*extra, student_from=None):
