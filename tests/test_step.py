@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -171,6 +172,7 @@ def test_neighbours_of_earlier_requests_stay_replayed():
     groups, _ = plan_prompts(Request("picasso", "style", prompts=["a cat by picasso"], neighbors=["braque"]), [real],
                              fast_cfg("world=none", "retain.prompts=[a dog]"), distances=None, encoder=None)  # fmt: skip
     assert groups.retain == ["a dog", "a tree by monet"]
+    assert groups.retain_touched == [False, True]  # `monet` was chosen as a neighbour by an earlier request
 
 
 def test_real_model_neighbours_come_from_the_concept_bank(tmp_path):
@@ -612,7 +614,7 @@ def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_on
     assert naive.retain_teacher is naive.teacher and naive.references["base"] is naive.teacher.unet  # not even loaded
 
 
-def test_untouched_has_the_base_model_answer_the_neighbours_no_earlier_request_touched(tiny_pipeline_dir, teacher_dir):
+def test_untouched_has_the_base_model_answer_the_rows_no_earlier_request_touched(tiny_pipeline_dir, teacher_dir):
     heart = Request("heart", "object", neighbors=["square"], targets=["diamond"])  # an earlier request
 
     def built(student_from):
@@ -624,23 +626,26 @@ def test_untouched_has_the_base_model_answer_the_neighbours_no_earlier_request_t
         module.on_fit_start()
         sample = module.replay.batch
 
-        def drawn(group, size):  # the micro-batch draws neighbour rows of both kinds
+        def drawn(group, size):  # the micro-batch draws retain and neighbour rows of both kinds
             index, z0 = sample(group, size)
-            if group == "neighbor":
-                assert module.neighbor_touched[index].any() and not module.neighbor_touched[index].all()
+            if group in ("retain", "neighbor"):
+                assert module.touched[group][index].any() and not module.touched[group][index].all(), group
             return index, z0
 
         module.replay.batch = drawn
         return module
 
     module = built(teacher_dir)
-    touched = ["square" in p for p in module.groups.neighbor]
-    assert module.groups.neighbor_touched == touched and any(touched) and not all(touched)
+    names_touched = re.compile(r"(?<!hollow )\bsquare\b|\bdiamond\b")  # `hollow square` is another concept
+    for group in ("retain", "neighbor"):
+        touched = [bool(names_touched.search(p)) for p in getattr(module.groups, group)]
+        assert getattr(module.groups, f"{group}_touched") == touched and any(touched) and not all(touched), group
     base = module.retain_teacher
-    assert base is not module.teacher and module.taught_by == {"neighbor_untouched": base, "unconditional": base}
+    assert base is not module.teacher
+    assert module.taught_by == {"retain_untouched": base, "neighbor_untouched": base, "unconditional": base}
     losses = module.losses()  # the student is the teacher
-    assert losses["retain"].item() == 0.0 and losses["forgotten"].item() == 0.0
-    assert losses["unconditional"].item() > 1e-5 and losses["neighbor"].item() > 1e-5  # M_0's rows
+    assert losses["forgotten"].item() == 0.0
+    assert min(losses[name].item() for name in ("unconditional", "retain", "neighbor")) > 1e-5  # M_0's rows
     module = built(tiny_pipeline_dir)  # the student is M_0
     losses = module.losses()
     assert losses["unconditional"].item() < 1e-9

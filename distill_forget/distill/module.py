@@ -42,13 +42,15 @@ TRAINABLE = {
 FORGET_OBJECTIVES = ("distill", "esd", "ablation")
 # The rows that keep things unchanged which the base model M_0 answers, by `replay.retain_teacher`
 # (the teacher answers the others, and always the forget and forgotten rows).
-# `untouched`: the empty prompt and the neighbour rows of concepts no earlier request chose as a
-# neighbour or target (`groups.neighbor_touched`); the teacher answers the touched ones' rows.
+# `untouched`: the empty prompt and the retain and neighbour rows whose prompt names no concept an
+# earlier request chose as a neighbour or target (`groups.retain_touched`, `groups.neighbor_touched`);
+# the teacher answers the touched ones' rows.
 BASE_ROWS = {
     "previous": (),
     "base": ("retain", "neighbor", "unconditional", "twin"),
-    "untouched": ("neighbor_untouched", "unconditional"),
+    "untouched": ("retain_untouched", "neighbor_untouched", "unconditional"),
 }
+SPLIT_GROUPS = ("retain", "neighbor")  # the groups `untouched` splits by prompt
 
 
 def forget_objective(cfg, noise_scheduler, draw):
@@ -154,9 +156,10 @@ class DistillForgetModule(L.LightningModule):
         if base_rows and self.references["base"] is not teacher.unet:
             self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)
         self.taught_by = {name: self.retain_teacher for name in base_rows}
-        self.neighbor_touched = None  # `untouched`: which neighbour prompts the teacher answers
-        if "neighbor_untouched" in base_rows and groups.neighbor_touched:
-            self.neighbor_touched = torch.tensor(groups.neighbor_touched, dtype=torch.bool)
+        self.touched = {}  # `untouched`: {group: which of its prompts the teacher answers}
+        for group in SPLIT_GROUPS:
+            if f"{group}_untouched" in base_rows and getattr(groups, f"{group}_touched"):
+                self.touched[group] = torch.tensor(getattr(groups, f"{group}_touched"), dtype=torch.bool)
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
         self.weights = {
@@ -311,11 +314,13 @@ class DistillForgetModule(L.LightningModule):
         if self.weights["unconditional"] and carrier is not None:
             empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]
             rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], empty)
-        if self.neighbor_touched is not None and "neighbor" in rows:
-            rows["neighbor"], rows["neighbor_untouched"] = split_rows(rows["neighbor"], self.neighbor_touched[drawn["neighbor"]])
+        for group, touched in self.touched.items():
+            if group in rows:
+                rows[group], rows[f"{group}_untouched"] = split_rows(rows[group], touched[drawn[group]])
         outputs = run_rows(self.student, self.teacher, {n: r for n, r in rows.items() if len(r.t)}, self.taught_by) if rows else {}
-        if rows.pop("neighbor_untouched", None) is not None:  # one neighbour loss over both halves
-            outputs["neighbor"] = joined(*(outputs.pop(n) for n in ("neighbor", "neighbor_untouched") if n in outputs))
+        for group in self.touched:
+            if rows.pop(f"{group}_untouched", None) is not None:  # one loss over both halves
+                outputs[group] = joined(*(outputs.pop(n) for n in (group, f"{group}_untouched") if n in outputs))
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)

@@ -30,7 +30,9 @@ class PromptGroups:
     twins: list[list[str]] = field(default_factory=list)
     # the teacher's prompt for each forgotten prompt where it is not that prompt (`target.follow`); [] if none
     forgotten_mapped: list[str] = field(default_factory=list)
-    # neighbor_touched[i]: neighbor[i]'s concept was a neighbour or target of an earlier request
+    # retain_touched[i] / neighbor_touched[i]: retain[i] / neighbor[i] names a concept that was a
+    # neighbour or target of an earlier request (`replay.retain_teacher=untouched`)
+    retain_touched: list[bool] = field(default_factory=list)
     neighbor_touched: list[bool] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:

@@ -39,7 +39,14 @@ from distill_forget.distill.prompts import (
 )
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
 from distill_forget.pipelines import load_pipeline, pick_device
-from distill_forget.requests import Request, RequestFileError, check_minicanvas, merge_overrides, merge_settings
+from distill_forget.requests import (
+    Request,
+    RequestFileError,
+    check_minicanvas,
+    concept_pattern,
+    merge_overrides,
+    merge_settings,
+)
 from distill_forget.storage import atomic_dir, write_json
 from distill_forget.world import concepts
 
@@ -64,6 +71,7 @@ def plan_prompts(
     # Neighbours of earlier requests stay replayed (`retain.earlier_neighbors`): they were the
     # first damaged then, and nothing else would hold them now.
     earlier_neighbors = [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
+    touched = {c for f in forgotten for c in (*f.neighbors, *f.targets)}  # by earlier requests
     if cfg.world == "minicanvas":
         pool = {c: concept_prompt(c, request.kind) for c in world_concepts(request.kind) if c not in gone}
         concept_text = concept_prompt(request.concept, request.kind)
@@ -86,6 +94,8 @@ def plan_prompts(
 
         forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
         retain = retain_prompts(retain_replayed)
+        fresh = set(retain_prompts([c for c in retain_replayed if c not in touched]))  # name untouched concepts only
+        retain_touched = [p not in fresh for p in retain]
         neighbor_rows = [(n, p) for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
         earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
         # Unless `target.among_neighbors`, the protected neighbours are not offered as the
@@ -111,9 +121,9 @@ def plan_prompts(
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = request.targets or [""]
         retain_replayed, replayed, held_out = [], list(neighbors), []
+        retain_touched = [any(concept_pattern(c).search(p) for c in touched) for p in retain]
 
     neighbor = [p for _, p in neighbor_rows]
-    touched = {c for f in forgotten for c in (*f.neighbors, *f.targets)}  # by earlier requests
     neighbor_touched = [n in touched for n, _ in neighbor_rows]
 
     if cfg.forget_objective == "esd":  # negative guidance maps to no other prompt: no target to choose
@@ -141,7 +151,9 @@ def plan_prompts(
         new_target = max(target_record["counts"], key=target_record["counts"].get)
         target_record["followers"] = {f: new_target for f in followers}
         forgotten_mapped = [replace_concept(p, c, new_target) if c in followers else p for c, p in forgotten_rows]
-    groups = PromptGroups(forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, neighbor_touched)
+    groups = PromptGroups(
+        forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, retain_touched, neighbor_touched
+    )
     record = {
         "targets": target_record,
         "neighbors": neighbor_record,
@@ -150,6 +162,7 @@ def plan_prompts(
         "held_out_concepts": held_out,  # retained and never replayed: for *_unseen metrics
         "forgotten_before": [f.concept for f in forgotten],
         "prompt_counts": {**{name: len(p) for name, p in groups.as_dict().items()}, "twins": sum(map(len, twins)),
+                          "retain_touched": sum(retain_touched),
                           "neighbor_touched": sum(neighbor_touched)},  # fmt: skip
     }
     return groups, record
@@ -166,6 +179,7 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
     last_groups, record = plans[-1]
     neighbors = dict(zip(pooled("neighbor"), pooled("neighbor_touched")))  # each prompt once
     groups = PromptGroups(pooled("forget"), pooled("mapped"), last_groups.retain, list(neighbors), [], pooled("twins"),
+                          retain_touched=last_groups.retain_touched,
                           neighbor_touched=list(neighbors.values()))  # fmt: skip
     replayed = sorted({c for _, r in plans for c in r["replayed_concepts"]})
     record = {
