@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from distill_forget.config import load_config
 from distill_forget.distill.step import RECORD_FILE
 from distill_forget.ledger import Ledger, step_dir
 from distill_forget.requests import Request
@@ -166,8 +167,6 @@ def test_the_loop_tells_each_step_which_concepts_later_requests_will_forget(tmp_
 
 
 def test_chain_overrides_come_from_the_command_line_and_are_checked_before_any_work():
-    from distill_forget.config import load_config
-
     def settings(*argv):
         return load_config("train", list(argv), sections=("step", "evaluate"))
 

@@ -158,8 +158,9 @@ class DistillForgetModule(L.LightningModule):
         self.taught_by = {name: self.retain_teacher for name in base_rows}
         self.touched = {}  # `untouched`: {group: which of its prompts the teacher answers}
         for group in SPLIT_GROUPS:
-            if f"{group}_untouched" in base_rows and getattr(groups, f"{group}_touched"):
-                self.touched[group] = torch.tensor(getattr(groups, f"{group}_touched"), dtype=torch.bool)
+            flags = getattr(groups, f"{group}_touched")
+            if f"{group}_untouched" in base_rows and flags:
+                self.touched[group] = torch.tensor(flags, dtype=torch.bool)
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
         self.weights = {

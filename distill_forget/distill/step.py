@@ -43,7 +43,7 @@ from distill_forget.requests import (
     Request,
     RequestFileError,
     check_minicanvas,
-    concept_pattern,
+    mentions,
     merge_overrides,
     merge_settings,
 )
@@ -121,7 +121,7 @@ def plan_prompts(
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = request.targets or [""]
         retain_replayed, replayed, held_out = [], list(neighbors), []
-        retain_touched = [any(concept_pattern(c).search(p) for c in touched) for p in retain]
+        retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
 
     neighbor = [p for _, p in neighbor_rows]
     neighbor_touched = [n in touched for n, _ in neighbor_rows]
