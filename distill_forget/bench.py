@@ -30,7 +30,7 @@ from distill_forget.report import MAIN_METRICS, RETENTION, TITLES, _is_number, _
 from distill_forget.storage import atomic_file, write_json
 
 METHODS_DIR = CONFIG_DIR / "methods"
-METHOD_KEYS = ("description", "step", "setting", "merge")  # what a method file may set; never the evaluation
+METHOD_KEYS = ("description", "inherit", "step", "setting", "merge")  # what a method file may set; never the evaluation
 BASE_FILES = ("metrics.json", "images.pt", "grid.png")
 
 
@@ -45,12 +45,20 @@ def flatten(mapping, prefix: str = "") -> list[str]:
     return args
 
 
-def load_method(name: str) -> tuple[str, list[str]]:
-    """(description, train arguments) of `configs/methods/<name>.yaml`."""
+def method_files() -> list[str]:
+    """The names of the runnable methods: every file of METHODS_DIR but the shared bases (`_name.yaml`)."""
+    return sorted(p.stem for p in METHODS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def read_method(name: str, chain: tuple[str, ...] = ()) -> dict:
+    """The settings of `configs/methods/<name>.yaml`, merged over those of the file it names in `inherit`."""
     path = METHODS_DIR / f"{name}.yaml"
+    if name in chain:
+        raise SystemExit(f"method {chain[0]!r}: `inherit` goes round in a circle: {' -> '.join([*chain, name])}")
     if not path.is_file():
-        known = sorted(p.stem for p in METHODS_DIR.glob("*.yaml"))
-        raise SystemExit(f"method {name!r}: no file {path} (methods: {', '.join(known)})")
+        if chain:
+            raise SystemExit(f"method {chain[-1]!r} inherits {name!r}: no file {path}")
+        raise SystemExit(f"method {name!r}: no file {path} (methods: {', '.join(method_files())})")
     data = OmegaConf.to_container(OmegaConf.load(path)) or {}
     bad = [key for key in data if key not in METHOD_KEYS]
     if bad:
@@ -58,6 +66,17 @@ def load_method(name: str) -> tuple[str, list[str]]:
             f"{path}: {bad} cannot be set by a method (allowed: {', '.join(METHOD_KEYS)}); "
             "every method is evaluated with the same requests, model, judge and evaluation settings"
         )
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    inherited = read_method(parent, (*chain, name))
+    inherited.pop("description", None)  # a description is the file's own
+    return OmegaConf.to_container(OmegaConf.merge(inherited, data))
+
+
+def load_method(name: str) -> tuple[str, list[str]]:
+    """(description, train arguments) of `configs/methods/<name>.yaml`, with what it inherits."""
+    data = read_method(name)
     description = data.pop("description", name)
     return description, flatten(data)
 

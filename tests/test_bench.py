@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distill_forget import bench
+from distill_forget.config import load_config
 from distill_forget.ledger import Ledger
 
 FAST = [
@@ -83,3 +84,42 @@ def test_bench_refuses_a_method_that_changes_the_evaluation(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="method 'nowhere': no file"):
         bench.main(["methods=[nowhere]", f"out={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_method_inherits_the_settings_of_the_file_it_names(tmp_path, monkeypatch):
+    methods = tmp_path / "methods"
+    methods.mkdir()
+    (methods / "_plain.yaml").write_text("step: {steps: 150, lambda_r: 0.0, target: {chain_overrides: null}}\n")
+    (methods / "parent.yaml").write_text("description: parent\ninherit: _plain\nstep: {forget_objective: ablation}\n")
+    (methods / "child.yaml").write_text("description: child\ninherit: parent\nsetting: independent\nstep: {steps: 50}\n")
+    monkeypatch.setattr(bench, "METHODS_DIR", methods)
+    assert bench.method_files() == ["child", "parent"]  # `_plain` is a base, not a method
+    description, args = bench.load_method("child")
+    assert description == "child"
+    assert sorted(args) == sorted(["setting=\"independent\"", "step.steps=50", "step.lambda_r=0.0",
+                                   "step.target.chain_overrides=null", "step.forget_objective=\"ablation\""])  # fmt: skip
+
+    (methods / "loop.yaml").write_text("inherit: round\n")
+    (methods / "round.yaml").write_text("inherit: loop\n")
+    with pytest.raises(SystemExit, match="goes round in a circle: loop -> round -> loop"):
+        bench.load_method("loop")
+    (methods / "orphan.yaml").write_text("inherit: _gone\n")
+    with pytest.raises(SystemExit, match="method 'orphan' inherits '_gone': no file"):
+        bench.load_method("orphan")
+    (methods / "_cheat.yaml").write_text("evaluate: {seeds: [5]}\n")
+    (methods / "heir.yaml").write_text("inherit: _cheat\n")
+    with pytest.raises(SystemExit, match=r"_cheat.yaml: \['evaluate'\] cannot be set by a method"):
+        bench.load_method("heir")
+
+
+def test_the_shipped_baselines_are_naive_and_distill_keeps_its_defaults():
+    for name in bench.method_files():
+        _, args = bench.load_method(name)
+        cfg = load_config("train", args, sections=("step", "evaluate"))
+        if name == "distill":
+            assert args == [] and cfg.step.lambda_r > 0 and cfg.step.target.chain_overrides is not None
+            continue
+        step = cfg.step
+        assert (step.lambda_r, step.lambda_n, step.lambda_forgotten, step.lambda_reg) == (0, 0, 0, 0), name
+        assert step.target.chain_overrides is None and step.steps == 150, name
+        assert step.forget_objective in ("esd", "ablation"), name
