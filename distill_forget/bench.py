@@ -76,6 +76,9 @@ def read_method(name: str, chain: tuple[str, ...] = ()) -> dict:
 
 def load_method(name: str) -> tuple[str, list[str]]:
     """(description, train arguments) of `configs/methods/<name>.yaml`, with what it inherits."""
+    if name.startswith("_"):
+        known = ", ".join(method_files())
+        raise SystemExit(f"{name!r} is a base that method files inherit, not a method (methods: {known})")
     data = read_method(name)
     description = data.pop("description", name)
     return description, flatten(data)

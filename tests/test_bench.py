@@ -94,6 +94,8 @@ def test_a_method_inherits_the_settings_of_the_file_it_names(tmp_path, monkeypat
     (methods / "child.yaml").write_text("description: child\ninherit: parent\nsetting: independent\nstep: {steps: 50}\n")
     monkeypatch.setattr(bench, "METHODS_DIR", methods)
     assert bench.method_files() == ["child", "parent"]  # `_plain` is a base, not a method
+    with pytest.raises(SystemExit, match="'_plain' is a base that method files inherit, not a method"):
+        bench.load_method("_plain")
     description, args = bench.load_method("child")
     assert description == "child"
     assert sorted(args) == sorted(["setting=\"independent\"", "step.steps=50", "step.lambda_r=0.0",
