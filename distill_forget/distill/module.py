@@ -93,7 +93,6 @@ def twin_table(twins: list[list[str]]) -> torch.Tensor:
 def split_rows(rows: Rows, chosen: torch.Tensor) -> tuple[Rows, Rows]:
     """The rows where `chosen` holds, and the others."""
     take = lambda keep: Rows(rows.x_t[keep], rows.t[keep], rows.student[keep], [c[keep] for c in rows.teacher])  # noqa: E731
-    chosen = chosen.to(rows.t.device)
     return take(chosen), take(~chosen)
 
 
@@ -201,6 +200,8 @@ class DistillForgetModule(L.LightningModule):
         self.embeds = {name: e.to(self.device) for name, e in self.embeds.items()}
         if self.twin_table is not None:
             self.twin_table = self.twin_table.to(self.device)
+        # on the device once per request: the replay's prompt indices are drawn there every micro-batch
+        self.touched = {group: flags.to(self.device) for group, flags in self.touched.items()}
         cfg = self.cfg
         batch = cfg.replay.sampling_batch
         guidance = cfg.replay.guidance
