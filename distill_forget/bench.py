@@ -32,6 +32,11 @@ from distill_forget.storage import atomic_file, write_json
 METHODS_DIR = CONFIG_DIR / "methods"
 METHOD_KEYS = ("description", "inherit", "step", "setting", "merge")  # what a method file may set; never the evaluation
 BASE_FILES = ("metrics.json", "images.pt", "grid.png")
+BASE_METHOD_PREFIX = "_"  # configs/methods/_name.yaml: settings that method files inherit, not a method
+
+
+def is_base_method(name: str) -> bool:
+    return name.startswith(BASE_METHOD_PREFIX)
 
 
 def flatten(mapping, prefix: str = "") -> list[str]:
@@ -47,7 +52,7 @@ def flatten(mapping, prefix: str = "") -> list[str]:
 
 def method_files() -> list[str]:
     """The names of the runnable methods: every file of METHODS_DIR but the shared bases (`_name.yaml`)."""
-    return sorted(p.stem for p in METHODS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in METHODS_DIR.glob("*.yaml") if not is_base_method(p.stem))
 
 
 def read_method(name: str, chain: tuple[str, ...] = ()) -> dict:
@@ -76,7 +81,7 @@ def read_method(name: str, chain: tuple[str, ...] = ()) -> dict:
 
 def load_method(name: str) -> tuple[str, list[str]]:
     """(description, train arguments) of `configs/methods/<name>.yaml`, with what it inherits."""
-    if name.startswith("_"):
+    if is_base_method(name):
         known = ", ".join(method_files())
         raise SystemExit(f"{name!r} is a base that method files inherit, not a method (methods: {known})")
     data = read_method(name)
