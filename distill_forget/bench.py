@@ -119,7 +119,26 @@ def method_summary(name: str, description: str, run_dir: Path, args: list[str]) 
         for s in report["steps"]
     ]
     base = {k: report["base"]["metrics"].get(k) for k in MAIN_METRICS}
-    return {"description": description, "run_dir": str(run_dir), "arguments": args, "base": base, "steps": steps}
+    return {"description": description, "run_dir": str(run_dir), "arguments": args, "base": base, "steps": steps,
+            "over_requests": over_requests(steps)}  # fmt: skip
+
+
+def over_requests(steps: list[dict]) -> dict:
+    """The whole curve in a few numbers: the means over the requests of UA and of retention vs base, and the lowest
+    retention any request left. The last request alone hides a method that collapsed half-way, or a regulariser that
+    bought its retention by forgetting less all along."""
+
+    def values(group: str, key: str) -> list[float]:
+        return [s[group][key] for s in steps if _is_number(s[group].get(key))]
+
+    def mean(v: list[float]) -> float | None:
+        return round(sum(v) / len(v), 1) if v else None
+
+    summary = {"ua_mean": mean(values("metrics", "ua"))}
+    for k in RETENTION:
+        retention = values("relative_to_base", f"{k}_rel")
+        summary[f"{k}_rel_mean"], summary[f"{k}_rel_min"] = mean(retention), min(retention, default=None)
+    return summary
 
 
 def main(argv=None) -> None:
@@ -238,6 +257,20 @@ def format_markdown(bench: dict) -> str:
         cells = [_cell(last["metrics"][k], k) for k in MAIN_METRICS]
         lines.append(f"| {name} | {last['setting']} | " + " | ".join(cells) + f" | {rel} | {last['cumulative_seconds']:.0f} |")
     lines += ["", "Methods:", ""] + [f"- `{name}`: {m['description']}" for name, m in methods.items()]
+    lines += [
+        "",
+        "## Over the whole sequence",
+        "",
+        "Mean over requests 1 to the last of UA and of retention vs base (%), and the lowest retention any request left.",
+        "",
+        "| method | requests | mean UA | mean IRA / CRA / NRA vs base % | lowest IRA / CRA / NRA vs base % |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        if m["steps"]:
+            summary = over_requests(m["steps"])
+            means, lowest = (" / ".join(_cell(summary[f"{k}_rel_{s}"]) for k in RETENTION) for s in ("mean", "min"))
+            lines.append(f"| {name} | {len(m['steps'])} | {_cell(summary['ua_mean'])} | {means} | {lowest} |")
     count = max((len(m["steps"]) for m in methods.values()), default=0)
     for key in [*MAIN_METRICS, "cumulative_seconds"]:
         title = TITLES.get(key, "cumulative cost: wall seconds of training, evaluation excluded")

@@ -54,6 +54,10 @@ def test_bench_writes_results_and_a_rerun_reuses_finished_runs(tiny_pipeline_dir
     markdown = (out / "bench.md").read_text()
     assert "| distill | sequential |" in markdown and "| ablation-ties | independent |" in markdown
     assert "## UA" in markdown and "cumulative cost" in markdown
+    for name, method in result["methods"].items():  # the whole curve, in the json and as its own table
+        uas = [s["metrics"]["ua"] for s in method["steps"]]
+        assert method["over_requests"]["ua_mean"] == round(sum(uas) / 2, 1), name
+        assert f"| {name} | 2 | {method['over_requests']['ua_mean']:.1f} |" in markdown
     assert (out / "bench.png").stat().st_size > 0
 
     bench.main(args)
@@ -125,3 +129,18 @@ def test_the_shipped_baselines_are_naive_and_distill_keeps_its_defaults():
         assert (step.lambda_r, step.lambda_n, step.lambda_forgotten, step.lambda_reg) == (0, 0, 0, 0), name
         assert step.target.chain_overrides is None and step.steps == 150, name
         assert step.forget_objective in ("esd", "ablation"), name
+
+
+def test_the_sequence_summary_keeps_the_collapse_that_the_last_request_hides():
+    def step(index, ua, ira, nra):
+        return {"index": index, "setting": "sequential", "cumulative_seconds": index,
+                "metrics": {"ua": ua, "ira": ira, "cra": ira, "nra": nra, "quality": None},
+                "relative_to_base": {"ira_rel": ira, "cra_rel": ira, "nra_rel": nra}}  # fmt: skip
+
+    collapsed_and_back = [step(1, 100.0, 90.0, None), step(2, 50.0, 40.0, 80.0), step(3, 75.0, 95.0, 100.0)]
+    summary = bench.over_requests(collapsed_and_back)
+    assert summary["ua_mean"] == 75.0 and summary["ira_rel_mean"] == 75.0 and summary["ira_rel_min"] == 40.0
+    assert summary["nra_rel_mean"] == 90.0 and summary["nra_rel_min"] == 80.0  # an unmeasured request is left out
+    assert bench.over_requests([step(1, None, None, None)]) == dict.fromkeys(summary)  # nothing measured: None, not 0
+    markdown = bench.format_markdown({"requests": "r.yaml", "methods": {"m": {"description": "d", "base": {}, "steps": collapsed_and_back}}})
+    assert "| m | 3 | 75.0 | 75.0 / 75.0 / 90.0 | 40.0 / 40.0 / 80.0 |" in markdown
