@@ -604,6 +604,14 @@ def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_on
     base = losses("replay.retain_teacher=base")  # the student starts as the teacher, not as the base model
     assert min(base["retain"], base["neighbor"], base["unconditional"]) > 1e-5
     assert base["forgotten"] < 1e-9  # the teacher's rows, batched apart from the student's: ~1e-14, not always 0
+    # part-way (`replay.base_share`): the target moved a quarter of the way to M_0, so a sixteenth of the squared gap
+    quarter = losses("replay.retain_teacher=base", "replay.base_share=0.25")
+    for name in ("retain", "neighbor", "unconditional"):
+        assert quarter[name] == pytest.approx(base[name] / 16, rel=1e-3), name
+    assert quarter["forgotten"] < 1e-9
+    for share in ("0", "1.5"):
+        with pytest.raises(ValueError, match="base_share"):
+            losses("replay.retain_teacher=base", f"replay.base_share={share}")
     base = losses("replay.retain_teacher=base", student_from=tiny_pipeline_dir)  # a student that is the base model
     assert max(base["retain"], base["neighbor"], base["unconditional"]) < 1e-9  # batched apart: ~1e-13, not 0
     assert base["forgotten"] > 1e-5

@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from distill_forget.distill.global_batch import GlobalBatch
-from distill_forget.distill.networks import Condition, Denoiser, PromptEncoder
+from distill_forget.distill.networks import Blend, Condition, Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
     ESD,
     ConceptAblation,
@@ -151,9 +151,14 @@ class DistillForgetModule(L.LightningModule):
         # the teacher, or for `BASE_ROWS` the base model M_0; the forget and forgotten rows always
         # read the teacher, which holds the earlier removals. Fixed for the request: {row: network}.
         base_rows = BASE_ROWS[cfg.replay.retain_teacher]
+        share = cfg.replay.base_share
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"replay.base_share must be in (0, 1] (got {share})")
         self.retain_teacher = teacher
         if base_rows and self.references["base"] is not teacher.unet:
             self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)
+            if share < 1.0:  # part-way: the teacher's answer moved `share` of the way to M_0's
+                self.retain_teacher = Blend(teacher, self.retain_teacher, share)
         self.taught_by = {name: self.retain_teacher for name in base_rows}
         self.touched = {}  # `untouched`: {group: which of its prompts the teacher answers}
         for group in SPLIT_GROUPS:

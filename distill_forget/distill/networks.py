@@ -98,6 +98,25 @@ class Denoiser:
         return (config.in_channels, height, width)
 
 
+class Blend:
+    """A frozen answer part-way from the teacher's to the base model's: `T + share (M_0 - T)`.
+
+    Both networks run on the same rows; `evaluations` counts the base model's only (the
+    teacher counts its own). `share` 1 is the base model's answer itself.
+    """
+
+    def __init__(self, teacher: Denoiser, base: Denoiser, share: float):
+        self.teacher, self.base, self.share = teacher, base, share
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        ours = self.teacher(x_t, t, condition)
+        return ours + self.share * (self.base(x_t, t, condition) - ours)
+
+    @property
+    def evaluations(self) -> int:
+        return self.base.evaluations
+
+
 class PromptEncoder:
     """SD v1.x / v2.x's frozen tokenizer + text encoder: prompts -> the UNet's condition."""
 
