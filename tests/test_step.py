@@ -612,6 +612,8 @@ def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_on
     for share in ("0", "1.5"):
         with pytest.raises(ValueError, match="base_share"):
             losses("replay.retain_teacher=base", f"replay.base_share={share}")
+    with pytest.raises(ValueError, match="base_share applies where M_0 answers"):  # else silently nothing
+        losses("replay.base_share=0.5")
     base = losses("replay.retain_teacher=base", student_from=tiny_pipeline_dir)  # a student that is the base model
     assert max(base["retain"], base["neighbor"], base["unconditional"]) < 1e-9  # batched apart: ~1e-13, not 0
     assert base["forgotten"] > 1e-5

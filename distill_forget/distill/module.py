@@ -154,6 +154,9 @@ class DistillForgetModule(L.LightningModule):
         share = cfg.replay.base_share
         if not 0.0 < share <= 1.0:
             raise ValueError(f"replay.base_share must be in (0, 1] (got {share})")
+        if share < 1.0 and not base_rows:
+            need = "set replay.retain_teacher to base or untouched"
+            raise ValueError(f"replay.base_share applies where M_0 answers: {need}")
         self.retain_teacher = teacher
         if base_rows and self.references["base"] is not teacher.unet:
             self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)

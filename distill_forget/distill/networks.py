@@ -109,8 +109,8 @@ class Blend:
         self.teacher, self.base, self.share = teacher, base, share
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-        ours = self.teacher(x_t, t, condition)
-        return ours + self.share * (self.base(x_t, t, condition) - ours)
+        teacher_answer = self.teacher(x_t, t, condition)
+        return teacher_answer + self.share * (self.base(x_t, t, condition) - teacher_answer)
 
     @property
     def evaluations(self) -> int:
