@@ -624,6 +624,31 @@ def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_on
     assert naive.retain_teacher is naive.teacher and naive.references["base"] is naive.teacher.unet  # not even loaded
 
 
+def test_loss_guidance_compares_the_guided_predictions_of_the_retain_rows(tiny_pipeline_dir, teacher_dir):
+    def losses(*extra):
+        request = Request("circle", "object", neighbors=["ring"])
+        module, _ = build_module(teacher_dir, request, fast_cfg(*extra), ["dots"], base_dir=tiny_pipeline_dir)
+        module.unet.load_state_dict(load_pipeline(tiny_pipeline_dir).unet.state_dict())  # student != teacher
+        module.setup("fit")
+        module.on_fit_start()
+        return {name: loss.item() for name, loss in module.losses().items()}
+
+    # the retain loss at guidance w is mean |d_u + w (d_c - d_u)|^2 (d: student - teacher) over the same rows,
+    # a quadratic in w through the empty prompt's loss (w = 0) and the conditional one (w = 1)
+    at = {w: losses(f"replay.loss_guidance={w}") for w in (0.0, 1.0, 2.0, 3.0)}
+    assert at[0.0]["retain"] == pytest.approx(at[0.0]["unconditional"], rel=1e-5)
+    assert at[1.0]["retain"] == pytest.approx(losses()["retain"], rel=1e-6)  # 1: the published loss
+    assert at[3.0]["retain"] == pytest.approx(3 * at[2.0]["retain"] - 3 * at[1.0]["retain"] + at[0.0]["retain"], rel=1e-3)
+    assert at[3.0]["retain"] > 2 * at[1.0]["retain"]
+    for name in ("forget", "neighbor", "forgotten", "unconditional"):  # the other rows are untouched
+        assert at[3.0][name] == pytest.approx(at[1.0][name], rel=1e-6), name
+    with pytest.raises(ValueError, match="loss_guidance"):
+        losses("replay.loss_guidance=2.0", "retain.unconditional=false")
+    for other in ("loss_scale=relative", "replay.retain_teacher=untouched"):
+        with pytest.raises(ValueError, match="loss_guidance"):
+            losses("replay.loss_guidance=2.0", other)
+
+
 def test_untouched_has_the_base_model_answer_the_rows_no_earlier_request_touched(tiny_pipeline_dir, teacher_dir):
     heart = Request("heart", "object", neighbors=["square"], targets=["diamond"])  # an earlier request
 

@@ -96,6 +96,13 @@ def split_rows(rows: Rows, chosen: torch.Tensor) -> tuple[Rows, Rows]:
     return take(chosen), take(~chosen)
 
 
+def guided(conditional: tuple, unconditional: tuple, scale: float) -> tuple:
+    """(student, [teacher]) classifier-free guided predictions `u + scale (c - u)`, row for row,
+    from a replay's conditional outputs and the empty prompt's at the same latents."""
+    (student_c, (teacher_c,)), (student_u, (teacher_u,)) = conditional, unconditional
+    return student_u + scale * (student_c - student_u), [teacher_u + scale * (teacher_c - teacher_u)]
+
+
 def joined(*outputs: tuple) -> tuple:
     """One loss's (student output, [teacher outputs]) from those of its split rows."""
     return torch.cat([o[0] for o in outputs]), [torch.cat(ts) for ts in zip(*(o[1] for o in outputs))]
@@ -183,6 +190,14 @@ class DistillForgetModule(L.LightningModule):
             "l1sp": regs.l1sp.weight,
             "l2sp": regs.l2sp.weight,
         }
+        if cfg.replay.loss_guidance != 1.0 and not (
+            self.weights["unconditional"] and cfg.loss_scale == "mse" and cfg.replay.retain_teacher != "untouched"
+        ):  # `untouched` splits the retain rows by prompt: their order is no longer the empty prompt's rows'
+            raise ValueError(
+                f"replay.loss_guidance={cfg.replay.loss_guidance} compares guided predictions, which needs the empty "
+                "prompt's replay (retain.unconditional=true, lambda_r > 0), loss_scale=mse and a retain_teacher "
+                "other than untouched"
+            )
         self.embeds: dict[str, Condition] = {}
         self.twin_table: torch.Tensor | None = None  # (forget prompts, k): rows of embeds["twin"], -1: none
         self.sampler, self.replay, self.replay_seconds = None, None, 0.0
@@ -331,6 +346,8 @@ class DistillForgetModule(L.LightningModule):
         for group in self.touched:
             if rows.pop(f"{group}_untouched", None) is not None:  # one loss over both halves
                 outputs[group] = joined(*(outputs.pop(n) for n in (group, f"{group}_untouched") if n in outputs))
+        if self.cfg.replay.loss_guidance != 1.0 and "unconditional" in outputs:  # the empty prompt's rows are the carrier's
+            outputs[carrier] = guided(outputs[carrier], outputs["unconditional"], self.cfg.replay.loss_guidance)
         losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)

@@ -1,0 +1,35 @@
+"""Quality by concept: putting back a concept's images from the base model finds the concept that carries a rise."""
+
+import pytest
+import torch
+
+from distill_forget.evaluate import load_judge, real_renders, retained_pairs
+from distill_forget.quality_by_concept import quality_by_concept
+from distill_forget.world import concepts
+
+
+def test_the_concept_whose_images_changed_tops_the_list_and_a_copy_moves_nothing():
+    pairs = retained_pairs(concepts.OBJECTS[4:] + concepts.STYLES[4:], repeats=3)  # 4 x 4 pairs, 3 renders each
+    prompts = [{"object": o, "style": s} for o, s in pairs]
+    base, reference = real_renders(pairs, seed=3), real_renders(pairs, seed=11)
+    judge = load_judge(None).eval()  # the shipped judge: a random one's features are all ~0
+
+    same = quality_by_concept(base.clone(), base, prompts, reference, judge)
+    assert same["model"] == pytest.approx(same["base"], rel=1e-5)
+    assert {row["concept"] for row in same["concepts"]} == set(concepts.OBJECTS[:4] + concepts.STYLES[:4])
+    for row in same["concepts"]:
+        assert row["images"] == 12 and row["pixel_change"] == 0.0
+        assert row["drop"] == pytest.approx(0.0, abs=1e-2)
+
+    changed = concepts.STYLES[1]
+    model = base.clone()
+    mine = torch.tensor([p["style"] == changed for p in prompts])
+    model[mine] = torch.randint(0, 256, model[mine].shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    result = quality_by_concept(model, base, prompts, reference, judge)
+    assert result["model"] > result["base"] + 1.0
+    top = result["concepts"][0]
+    assert top["concept"] == changed
+    assert top["drop"] == pytest.approx(result["model"] - result["base"], rel=1e-4)  # all of the rise: base again
+    assert top["pixel_change"] > 50
+    untouched_style = next(row for row in result["concepts"] if row["concept"] == concepts.STYLES[2])
+    assert untouched_style["pixel_change"] == 0.0 and abs(untouched_style["drop"]) < 0.5 * top["drop"]
