@@ -1,6 +1,7 @@
 """Where a model's quality rise comes from: the quality figure with one concept's images put back.
 
-    python -m distill_forget.quality_by_concept --model FOLDER [--base FOLDER] [--forgotten a b ...]
+    python -m distill_forget.quality_by_concept --model FOLDER [--base FOLDER | --base-images RUN/base/images.pt]
+                                               [--forgotten a b ...]
 
 The loop's quality figure is the Frechet distance, in the judge's feature space, between the
 images of the retained (object, style) pairs and real renders of those pairs
@@ -9,7 +10,8 @@ between two models, so for every retained concept this prints how much the figur
 that concept's images are the base model's again (the rest staying the model's), and how far
 its images moved, as the mean absolute pixel change (0-255) from the base model's. A concept
 whose images carry the rise tops the list; a rise spread over every concept gives small drops
-all along. Sampling settings are `configs/evaluate.yaml`'s.
+all along. Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base
+model's grid that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import torch
 from distill_forget.config import MINICANVAS_DIR, load_config
 from distill_forget.evaluate import frechet_distance, generate, grid_prompts, load_judge, real_renders, retained_pairs, retained_rows
 from distill_forget.pipelines import load_pipeline
+from distill_forget.storage import torch_load
 
 
 def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[dict], reference: torch.Tensor, judge) -> dict:
@@ -43,17 +46,27 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="the pipeline folder to check (a step's pipeline/)")
     parser.add_argument("--base", type=Path, default=MINICANVAS_DIR / "pipeline", help="default: the shipped model")
+    parser.add_argument("--base-images", type=Path, default=None,
+                        help="RUN/base/images.pt: the base model's grid a run kept (evaluation seeds), instead of --base")
     parser.add_argument("--forgotten", nargs="*", default=[], help="concepts whose pairs are left out, as the loop does")
     parser.add_argument("--judge", default=None, help="default: the shipped MiniCanvas judge")
     args = parser.parse_args(argv)
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
     items = grid_prompts(cfg.seeds)
-    prompts = [items[i] for i in retained_rows(items, args.forgotten)]
+    keep = retained_rows(items, args.forgotten)
+    prompts = [items[i] for i in keep]
     if not prompts:
         raise SystemExit("no retained (object, style) pair is left: every pair names a --forgotten concept")
-    images = {}
-    for name, folder in (("base", args.base), ("model", args.model)):
+    images, folders = {}, {"base": args.base, "model": args.model}
+    if args.base_images is not None:
+        grid = torch_load(args.base_images, "base model images")
+        if len(grid) != len(items):
+            raise SystemExit(f"{args.base_images} holds {len(grid)} images, not the {len(items)} of the evaluation grid "
+                             "(configs/evaluate.yaml's seeds): pass --base FOLDER instead")
+        images["base"] = grid[keep]
+        del folders["base"]
+    for name, folder in folders.items():
         print(f"generating the {len(prompts)} retained images of {folder} ...", flush=True)
         images[name] = generate(load_pipeline(folder), prompts, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
     reference = real_renders(retained_pairs(args.forgotten, cfg.reference_repeats), cfg.reference_seed)

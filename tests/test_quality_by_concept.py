@@ -33,3 +33,15 @@ def test_the_concept_whose_images_changed_tops_the_list_and_a_copy_moves_nothing
     assert top["pixel_change"] > 50
     untouched_style = next(row for row in result["concepts"] if row["concept"] == concepts.STYLES[2])
     assert untouched_style["pixel_change"] == 0.0 and abs(untouched_style["drop"]) < 0.5 * top["drop"]
+
+
+def test_base_images_that_are_not_the_evaluation_grid_are_refused_before_any_drawing(tmp_path, tiny_pipeline_dir):
+    from distill_forget.config import load_config
+    from distill_forget.evaluate import grid_prompts
+    from distill_forget.quality_by_concept import main
+
+    grid = len(grid_prompts(load_config("evaluate", []).seeds))
+    kept = tmp_path / "images.pt"
+    torch.save(torch.zeros((5, 3, 8, 8), dtype=torch.uint8), kept)
+    with pytest.raises(SystemExit, match=f"holds 5 images, not the {grid} of the evaluation grid"):
+        main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept)])
