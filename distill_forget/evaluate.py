@@ -76,14 +76,27 @@ def judge_images(judge, images: torch.Tensor, batch: int = 512) -> list[dict]:
 
 
 @torch.no_grad()
-def frechet_distance(judge, images: torch.Tensor, reference: torch.Tensor) -> float | None:
-    """Frechet distance in the judge's feature space; None for judges without features."""
+def frechet_distance_to(judge, reference: torch.Tensor):
+    """`images -> Frechet distance to reference` in the judge's feature space, the reference's
+    features extracted once for every call; None for judges without features."""
     if not hasattr(judge, "features"):
         return None
     fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), reset_real_features=False)
     fid.update(reference, real=True)
-    fid.update(images, real=False)
-    return round(float(fid.compute()), 4)
+
+    @torch.no_grad()
+    def distance(images: torch.Tensor) -> float:
+        fid.reset()  # the generated side only: reset_real_features=False keeps the reference's
+        fid.update(images, real=False)
+        return round(float(fid.compute()), 4)
+
+    return distance
+
+
+def frechet_distance(judge, images: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """Frechet distance in the judge's feature space; None for judges without features."""
+    distance = frechet_distance_to(judge, reference)
+    return None if distance is None else distance(images)
 
 
 def retained_rows(prompts: list[dict], forgotten) -> list[int]:

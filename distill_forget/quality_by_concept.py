@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import MINICANVAS_DIR, load_config
-from distill_forget.evaluate import frechet_distance, generate, grid_prompts, load_judge, real_renders, retained_pairs, retained_rows
+from distill_forget.evaluate import frechet_distance_to, generate, grid_prompts, load_judge, real_renders, retained_pairs, retained_rows
 from distill_forget.pipelines import load_pipeline
 from distill_forget.storage import torch_load
 
@@ -30,16 +30,19 @@ def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[di
     seed) against `reference`, and per concept of `prompts`: the figure with that concept's
     images taken from `base`, its drop from the model's, and the mean pixel change of its images.
     """
-    figure = frechet_distance(judge, model, reference)
+    distance = frechet_distance_to(judge, reference)  # the reference's features once, not once per concept
+    if distance is None:
+        raise ValueError("quality_by_concept needs a judge with a feature space (`features`), as the quality figure does")
+    figure = distance(model)
     rows = []
     for concept in sorted({p[domain] for p in prompts for domain in ("object", "style")}):
         mine = torch.tensor([concept in (p["object"], p["style"]) for p in prompts])
         put_back = torch.where(mine[:, None, None, None], base, model)
-        restored = frechet_distance(judge, put_back, reference)
+        restored = distance(put_back)
         moved = (model[mine].float() - base[mine].float()).abs().mean().item()
         rows.append({"concept": concept, "drop": figure - restored, "pixel_change": moved, "images": int(mine.sum())})
     rows.sort(key=lambda row: row["drop"], reverse=True)
-    return {"model": figure, "base": frechet_distance(judge, base, reference), "concepts": rows}
+    return {"model": figure, "base": distance(base), "concepts": rows}
 
 
 def main(argv=None) -> None:
