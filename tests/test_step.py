@@ -624,7 +624,7 @@ def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_on
     assert naive.retain_teacher is naive.teacher and naive.references["base"] is naive.teacher.unet  # not even loaded
 
 
-def test_loss_guidance_compares_the_guided_predictions_of_the_retain_rows(tiny_pipeline_dir, teacher_dir):
+def test_loss_guidance_compares_the_guided_predictions_of_every_loss(tiny_pipeline_dir, teacher_dir):
     def losses(*extra):
         request = Request("circle", "object", neighbors=["ring"])
         module, _ = build_module(teacher_dir, request, fast_cfg(*extra), ["dots"], base_dir=tiny_pipeline_dir)
@@ -633,20 +633,27 @@ def test_loss_guidance_compares_the_guided_predictions_of_the_retain_rows(tiny_p
         module.on_fit_start()
         return {name: loss.item() for name, loss in module.losses().items()}
 
-    # the retain loss at guidance w is mean |d_u + w (d_c - d_u)|^2 (d: student - teacher) over the same rows,
-    # a quadratic in w through the empty prompt's loss (w = 0) and the conditional one (w = 1)
-    at = {w: losses(f"replay.loss_guidance={w}") for w in (0.0, 1.0, 2.0, 3.0)}
+    # each loss at guidance w is mean |d_u + w (d_c - d_u)|^2 (d: student - teacher) over its own rows: a
+    # quadratic in w through the empty prompt's loss at those rows (w = 0) and the published loss (w = 1)
+    every = "loss_guidance.losses=[forget,retain,neighbor,forgotten]"
+    at = {w: losses(f"loss_guidance.scale={w}", every) for w in (0.0, 2.0, 3.0)}
+    at[1.0] = losses()  # 1: the published losses, rows without the empty prompt
+    for name in ("forget", "retain", "neighbor", "forgotten"):
+        assert at[3.0][name] == pytest.approx(3 * at[2.0][name] - 3 * at[1.0][name] + at[0.0][name], rel=1e-3), name
+        assert at[3.0][name] != pytest.approx(at[1.0][name], rel=1e-2), name
+    # the empty prompt at the retain rows: the same loss, read from the retain rows' own empty-prompt half
     assert at[0.0]["retain"] == pytest.approx(at[0.0]["unconditional"], rel=1e-5)
-    assert at[1.0]["retain"] == pytest.approx(losses()["retain"], rel=1e-6)  # 1: the published loss
-    assert at[3.0]["retain"] == pytest.approx(3 * at[2.0]["retain"] - 3 * at[1.0]["retain"] + at[0.0]["retain"], rel=1e-3)
-    assert at[3.0]["retain"] > 2 * at[1.0]["retain"]
-    for name in ("forget", "neighbor", "forgotten", "unconditional"):  # the other rows are untouched
-        assert at[3.0][name] == pytest.approx(at[1.0][name], rel=1e-6), name
-    with pytest.raises(ValueError, match="loss_guidance"):
-        losses("replay.loss_guidance=2.0", "retain.unconditional=false")
-    for other in ("loss_scale=relative", "replay.retain_teacher=untouched"):
+    for w in (0.0, 2.0, 3.0):
+        assert at[w]["unconditional"] == pytest.approx(at[1.0]["unconditional"], rel=1e-5)
+    # only the losses listed (default: the retain replay); the others' rows and losses as published
+    retain_only = losses("loss_guidance.scale=3.0")
+    assert retain_only["retain"] == pytest.approx(at[3.0]["retain"], rel=1e-5)
+    for name in ("forget", "neighbor", "forgotten", "unconditional"):
+        assert retain_only[name] == pytest.approx(at[1.0][name], rel=1e-5), name
+    assert "unconditional" not in losses("loss_guidance.scale=2.0", "retain.unconditional=false")
+    for other in ("loss_scale=relative", "replay.retain_teacher=untouched", "loss_guidance.losses=[unconditional]"):
         with pytest.raises(ValueError, match="loss_guidance"):
-            losses("replay.loss_guidance=2.0", other)
+            losses("loss_guidance.scale=2.0", other)
 
 
 def test_untouched_has_the_base_model_answer_the_rows_no_earlier_request_touched(tiny_pipeline_dir, teacher_dir):

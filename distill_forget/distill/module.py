@@ -51,6 +51,7 @@ BASE_ROWS = {
     "untouched": ("retain_untouched", "neighbor_untouched", "unconditional"),
 }
 SPLIT_GROUPS = ("retain", "neighbor")  # the groups `untouched` splits by prompt
+GUIDED_LOSSES = ("forget", "retain", "neighbor", "forgotten", "twin")  # those `loss_guidance` may compare guided
 
 
 def forget_objective(cfg, noise_scheduler, draw):
@@ -96,11 +97,30 @@ def split_rows(rows: Rows, chosen: torch.Tensor) -> tuple[Rows, Rows]:
     return take(chosen), take(~chosen)
 
 
-def guided(conditional: tuple, unconditional: tuple, scale: float) -> tuple:
-    """(student, [teacher]) classifier-free guided predictions `u + scale (c - u)`, row for row,
-    from a replay's conditional outputs and the empty prompt's at the same latents."""
-    (student_c, (teacher_c,)), (student_u, (teacher_u,)) = conditional, unconditional
-    return student_u + scale * (student_c - student_u), [teacher_u + scale * (teacher_c - teacher_u)]
+def with_empty(rows: Rows, empty: Condition) -> Rows:
+    """The rows twice: as they are, then with the empty prompt in every condition at the same x_t
+    and t, so that student and teacher outputs can be combined into guided predictions (`guided`)."""
+    blank = empty[[0] * len(rows.t)]
+    return Rows(torch.cat([rows.x_t, rows.x_t]), torch.cat([rows.t, rows.t]), Condition.cat([rows.student, blank]),
+                [Condition.cat([condition, blank]) for condition in rows.teacher])  # fmt: skip
+
+
+def guided(output: tuple, scale: float) -> tuple:
+    """(student, [teacher]) classifier-free guided predictions `u + scale (c - u)`, row for row, from
+    the outputs of rows built by `with_empty` (the conditional rows first, then the empty prompt's)."""
+
+    def combine(paired: torch.Tensor) -> torch.Tensor:
+        conditional, unconditional = paired.chunk(2)
+        return unconditional + scale * (conditional - unconditional)
+
+    student, teachers = output
+    return combine(student), [combine(teacher) for teacher in teachers]
+
+
+def empty_half(output: tuple) -> tuple:
+    """The empty prompt's (student, [teacher]) outputs of rows built by `with_empty`."""
+    student, teachers = output
+    return student.chunk(2)[1], [teachers[0].chunk(2)[1]]
 
 
 def joined(*outputs: tuple) -> tuple:
@@ -190,13 +210,16 @@ class DistillForgetModule(L.LightningModule):
             "l1sp": regs.l1sp.weight,
             "l2sp": regs.l2sp.weight,
         }
-        if cfg.replay.loss_guidance != 1.0 and not (
-            self.weights["unconditional"] and cfg.loss_scale == "mse" and cfg.replay.retain_teacher != "untouched"
-        ):  # `untouched` splits the retain rows by prompt: their order is no longer the empty prompt's rows'
+        guidance = cfg.loss_guidance
+        self.guided_losses = set(guidance.losses) if guidance.scale != 1.0 else set()  # the losses compared guided
+        if self.guided_losses - set(GUIDED_LOSSES):
+            raise ValueError(f"loss_guidance.losses must be among {GUIDED_LOSSES} (got {list(guidance.losses)})")
+        if self.guided_losses and (cfg.loss_scale != "mse" or cfg.replay.retain_teacher == "untouched"):
+            # relative scales divide by the conditional predictions' own differences; `untouched` has the
+            # empty prompt answered by M_0, but the touched rows' by the teacher
             raise ValueError(
-                f"replay.loss_guidance={cfg.replay.loss_guidance} compares guided predictions, which needs the empty "
-                "prompt's replay (retain.unconditional=true, lambda_r > 0), loss_scale=mse and a retain_teacher "
-                "other than untouched"
+                f"loss_guidance.scale={guidance.scale} compares guided predictions, which needs loss_scale=mse and a "
+                "retain_teacher other than untouched"
             )
         self.embeds: dict[str, Condition] = {}
         self.twin_table: torch.Tensor | None = None  # (forget prompts, k): rows of embeds["twin"], -1: none
@@ -295,8 +318,30 @@ class DistillForgetModule(L.LightningModule):
 
     def forget_loss(self) -> torch.Tensor:
         """The forget objective alone on one micro-batch."""
-        student_out, teacher_outs = run_rows(self.student, self.teacher, {"forget": self.forget_rows()[1]})["forget"]
-        return self.objectives["forget"].loss(student_out, teacher_outs)
+        return self.objectives["forget"].loss(*self.network_outputs({"forget": self.forget_rows()[1]})["forget"])
+
+    def network_outputs(self, rows: dict[str, Rows], empty_at: str | None = None) -> dict[str, tuple]:
+        """{loss: (student output, [teacher outputs])} for every loss's rows, through one student call and
+        one call per frozen network (`run_rows`).
+
+        At `loss_guidance.scale` w != 1 the rows of the losses in `loss_guidance.losses` are read
+        with the empty prompt too, at the same latents, and their outputs are the classifier-free
+        guided predictions `u + w (c - u)`: a difference in `c - u`, which a guided sampler
+        multiplies, then counts w^2 times. Where `empty_at` names such rows, their empty-prompt
+        half is also the `unconditional` loss's output.
+        """
+        rows = {name: r for name, r in rows.items() if len(r.t)}
+        if not rows:
+            return {}
+        if not self.guided_losses & set(rows):
+            return run_rows(self.student, self.teacher, rows, self.taught_by)
+        empty = self.embeds["unconditional"]
+        paired = {name: with_empty(r, empty) if name in self.guided_losses else r for name, r in rows.items()}
+        outputs = run_rows(self.student, self.teacher, paired, self.taught_by)
+        if empty_at in self.guided_losses and empty_at in outputs:
+            outputs["unconditional"] = empty_half(outputs[empty_at])
+        scale, compared = self.cfg.loss_guidance.scale, self.guided_losses
+        return {name: guided(output, scale) if name in compared else output for name, output in outputs.items()}
 
     def replay_rows(self) -> dict[str, int]:
         """Rows of the global micro-batch per weighted replay group.
@@ -335,20 +380,21 @@ class DistillForgetModule(L.LightningModule):
             teacher = self.embeds.get(f"{group}_mapped")  # forgotten prompts that follow a new target
             rows[group] = self.objectives[group].rows(z0, self.embeds[group][index], self.embeds["unconditional"],
                                                       None if teacher is None else teacher[index])  # fmt: skip
+        # The empty prompt is replayed at the carrier's latents: rows of its own, or under loss_guidance
+        # the empty-prompt half that every row gets anyway (`network_outputs`).
         carrier = next((g for g in ("retain", "neighbor") if g in rows), None)
-        if self.weights["unconditional"] and carrier is not None:
+        empty_at = carrier if self.weights["unconditional"] else None
+        if empty_at is not None and empty_at not in self.guided_losses:
             empty = self.embeds["unconditional"][[0] * len(rows[carrier].x_t)]
             rows["unconditional"] = self.objectives["unconditional"].on_rows(rows[carrier], empty)
         for group, touched in self.touched.items():
             if group in rows:
                 rows[group], rows[f"{group}_untouched"] = split_rows(rows[group], touched[drawn[group]])
-        outputs = run_rows(self.student, self.teacher, {n: r for n, r in rows.items() if len(r.t)}, self.taught_by) if rows else {}
+        outputs = self.network_outputs(rows, empty_at)
         for group in self.touched:
-            if rows.pop(f"{group}_untouched", None) is not None:  # one loss over both halves
+            if f"{group}_untouched" in rows:  # one loss over both halves
                 outputs[group] = joined(*(outputs.pop(n) for n in (group, f"{group}_untouched") if n in outputs))
-        if self.cfg.replay.loss_guidance != 1.0 and "unconditional" in outputs:  # the empty prompt's rows are the carrier's
-            outputs[carrier] = guided(outputs[carrier], outputs["unconditional"], self.cfg.replay.loss_guidance)
-        losses = {name: self.objectives[name].loss(*outputs[name]) for name in rows}
+        losses = {name: self.objectives[name].loss(*output) for name, output in outputs.items()}
         if self.weights["reg"]:
             losses["reg"] = self.objectives["reg"](self.unet, self.teacher.unet)
         for name in ("l1sp", "l2sp"):
