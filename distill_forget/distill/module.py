@@ -330,17 +330,12 @@ class DistillForgetModule(L.LightningModule):
         multiplies, then counts w^2 times. Where `empty_at` names such rows, their empty-prompt
         half is also the `unconditional` loss's output.
         """
-        rows = {name: r for name, r in rows.items() if len(r.t)}
-        if not rows:
-            return {}
-        if not self.guided_losses & set(rows):
-            return run_rows(self.student, self.teacher, rows, self.taught_by)
-        empty = self.embeds["unconditional"]
-        paired = {name: with_empty(r, empty) if name in self.guided_losses else r for name, r in rows.items()}
-        outputs = run_rows(self.student, self.teacher, paired, self.taught_by)
-        if empty_at in self.guided_losses and empty_at in outputs:
+        compared, empty = self.guided_losses, self.embeds["unconditional"]
+        rows = {name: with_empty(r, empty) if name in compared else r for name, r in rows.items() if len(r.t)}
+        outputs = run_rows(self.student, self.teacher, rows, self.taught_by) if rows else {}
+        if empty_at in compared and empty_at in outputs:
             outputs["unconditional"] = empty_half(outputs[empty_at])
-        scale, compared = self.cfg.loss_guidance.scale, self.guided_losses
+        scale = self.cfg.loss_guidance.scale
         return {name: guided(output, scale) if name in compared else output for name, output in outputs.items()}
 
     def replay_rows(self) -> dict[str, int]:
