@@ -1,19 +1,23 @@
-"""How much the quality figure moves by chance: the Frechet distance of one model under two seed sets.
+"""How much the quality figure moves by chance, and how it settles as the sample grows.
 
-    python -m distill_forget.quality_noise --model FOLDER [--base FOLDER] [--forgotten a b ...]
-                                          [--seeds 0 1 2] [--other-seeds 3 4 5]
+    python -m distill_forget.quality_noise RUN/steps/03-stripes [RUN/steps/08-heart ...]
+                                          [--base FOLDER] [--seeds 12] [--judge SPEC]
 
 The loop's quality figure is the Frechet distance, in the judge's feature space, between the
-generated images of the retained (object, style) pairs and real renders of those pairs
-(`evaluate.retained_quality`), compared with the base model's over the same pairs. This
-prints, over the pairs that name no `--forgotten` concept: the base model's and the model's
-distance with the evaluation seeds and with other seeds (the spread that comes from sampling
-alone), two sets of real renders against each other, and the base against
-itself under the two seed sets next to the model against the base. Sampling settings are
-`configs/evaluate.yaml`'s.
+images of the retained (object, style) pairs under the evaluation seeds and as many real
+renders of those pairs (`evaluate.retained_quality`), compared with the base model's over the
+same pairs. A Frechet distance from a few hundred images is biased upwards and moves with the
+sample, so this draws every step's model and the base model under `--seeds` seeds (the
+evaluation seeds first) and gives the figure over disjoint groups of seeds of each size: the
+evaluation's own size (its first group is the loop's figure), twice it, and so on up to all of
+them, each group against its own real renders. The spread of the rise within a size is the
+figure's noise at that size; where the rise settles as the size grows is the model's. A step's
+forgotten concepts (whose pairs are left out) come from its `metrics.json`. Sampling settings
+are `configs/evaluate.yaml`'s.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -31,47 +35,89 @@ from distill_forget.evaluate import (
 from distill_forget.pipelines import load_pipeline
 
 
-def quality_noise(model_dir, base_dir, forgotten, seeds, other_seeds, cfg, judge) -> dict[str, float]:
-    items, other = grid_prompts(seeds), grid_prompts(other_seeds)
-    keep = retained_rows(items, forgotten)  # the grid's order is the same under any seeds
+def study_seeds(evaluation_seeds, count: int) -> list[int]:
+    """The evaluation seeds, then the next integers after them, `count` seeds in all."""
+    seeds = [int(s) for s in evaluation_seeds]
+    if count < len(seeds) or count % len(seeds):
+        raise ValueError(f"--seeds {count}: give a multiple of the evaluation's {len(seeds)} seeds")
+    return seeds + list(range(max(seeds) + 1, max(seeds) + 1 + count - len(seeds)))
 
-    def images(folder) -> tuple[torch.Tensor, torch.Tensor]:
-        """The retained pairs' images under the evaluation seeds and under the other seeds."""
-        pipe = load_pipeline(folder)
-        return tuple(generate(pipe, [prompts[i] for i in keep], cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
-                     for prompts in (items, other))  # fmt: skip
 
-    (base, base_other), (model, model_other) = images(base_dir), images(model_dir)
-    pairs = retained_pairs(forgotten, cfg.reference_repeats)
-    real, real_other = real_renders(pairs, cfg.reference_seed), real_renders(pairs, cfg.reference_seed + 1)
-    return {
-        "base, evaluation seeds": frechet_distance(judge, base, real),
-        "base, other seeds": frechet_distance(judge, base_other, real),
-        "model, evaluation seeds": frechet_distance(judge, model, real),
-        "model, other seeds": frechet_distance(judge, model_other, real),
-        "real renders vs real renders (another seed)": frechet_distance(judge, real_other, real),
-        "base vs base, the two seed sets": frechet_distance(judge, base, base_other),
-        "model vs base, evaluation seeds": frechet_distance(judge, model, base),
-        "images per side": len(keep),
-    }
+def group_sizes(per_evaluation: int, count: int) -> list[int]:
+    """The evaluation's seed count, doubled while it divides `count`, then `count` itself."""
+    sizes, size = [], per_evaluation
+    while size < count and count % size == 0:
+        sizes.append(size)
+        size *= 2
+    return sizes + [count]
+
+
+def rise_by_sample_size(model, base, prompts, forgotten, seeds, per_evaluation, judge, cfg) -> list[dict]:
+    """The quality figure of `model` and `base` (uint8 images of the retained `prompts`, row for row
+    the same prompt and seed, over `seeds`) over disjoint seed groups of each size.
+
+    Group k of size g reads the images of seeds[k g : (k + 1) g] and real renders of the retained
+    pairs, `cfg.reference_repeats` per pair for every `per_evaluation` seeds, drawn with
+    `cfg.reference_seed + k`: group 0 of the evaluation's size is the loop's own figure.
+    """
+    seed_of = torch.tensor([p["seed"] for p in prompts])
+    rows = []
+    for size in group_sizes(per_evaluation, len(seeds)):
+        for k in range(len(seeds) // size):
+            group = seeds[k * size : (k + 1) * size]
+            mine = torch.isin(seed_of, torch.tensor(group))
+            repeats = cfg.reference_repeats * size // per_evaluation
+            reference = real_renders(retained_pairs(forgotten, repeats), cfg.reference_seed + k)
+            model_figure = frechet_distance(judge, model[mine], reference)
+            base_figure = frechet_distance(judge, base[mine], reference)
+            rows.append({"size": size, "seeds": group, "images": int(mine.sum()), "base": base_figure,
+                         "model": model_figure, "rise": 100 * (model_figure / base_figure - 1)})  # fmt: skip
+    return rows
+
+
+def forgotten_of(step: Path) -> list[str]:
+    """The concepts forgotten up to a step of the loop, from its `metrics.json`."""
+    path = step / "metrics.json"
+    if not path.is_file() or not (step / "pipeline").is_dir():
+        raise SystemExit(f"{step} is not a step folder of a run (no metrics.json and pipeline/ in it)")
+    return list(json.loads(path.read_text())["forgotten"])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="the pipeline folder to check (a step's pipeline/)")
+    parser.add_argument("steps", type=Path, nargs="+", help="step folders of a run (RUN/steps/NN-concept)")
     parser.add_argument("--base", type=Path, default=MINICANVAS_DIR / "pipeline", help="default: the shipped model")
-    parser.add_argument("--forgotten", nargs="*", default=[], help="concepts whose pairs are left out, as the loop does")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: configs/evaluate.yaml's seeds")
-    parser.add_argument("--other-seeds", nargs="+", type=int, default=[3, 4, 5])
+    parser.add_argument("--seeds", type=int, default=12, help="seeds in all, a multiple of the evaluation's")
     parser.add_argument("--judge", default=None, help="default: the shipped MiniCanvas judge")
     args = parser.parse_args(argv)
     cfg = load_config("evaluate", [])
-    seeds = args.seeds if args.seeds is not None else list(cfg.seeds)
-    result = quality_noise(args.model, args.base, args.forgotten, seeds, args.other_seeds, cfg, load_judge(args.judge).eval())
-    width = max(map(len, result))
-    for name, value in result.items():
-        print(f"{name:<{width}}  {value if isinstance(value, int) else round(value, 1)}")
-
+    torch.set_num_threads(cfg.threads)
+    try:
+        seeds = study_seeds(cfg.seeds, args.seeds)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    forgotten = {step: forgotten_of(step) for step in args.steps}
+    judge = load_judge(args.judge).eval()
+    items = grid_prompts(seeds)
+    print(f"generating the base model's {len(items)} images ({len(seeds)} seeds) ...", flush=True)
+    base = generate(load_pipeline(args.base), items, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+    for step, concepts in forgotten.items():
+        keep = retained_rows(items, concepts)
+        prompts = [items[i] for i in keep]
+        print(f"generating the {len(prompts)} retained images of {step} ...", flush=True)
+        pipe = load_pipeline(step / "pipeline")
+        model = generate(pipe, prompts, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+        rows = rise_by_sample_size(model, base[keep], prompts, concepts, seeds, len(cfg.seeds), judge, cfg)
+        print(f"\n{step.name} (forgotten: {' '.join(concepts) or 'none'})")
+        print(f"{'seeds':<10} {'images':>6} {'base':>7} {'model':>7} {'rise':>8}")
+        for row in rows:
+            label = f"{row['seeds'][0]}-{row['seeds'][-1]}"
+            print(f"{label:<10} {row['images']:>6} {row['base']:>7.1f} {row['model']:>7.1f} {row['rise']:>+7.1f} %")
+        for size in group_sizes(len(cfg.seeds), len(seeds)):
+            rises = [row["rise"] for row in rows if row["size"] == size]
+            groups = len(rises)
+            spread = f"{min(rises):+.1f} to {max(rises):+.1f} % over {groups} groups, mean " if groups > 1 else ""
+            print(f"{size} seeds: rise {spread}{sum(rises) / len(rises):+.1f} %")
 
 if __name__ == "__main__":
     main()

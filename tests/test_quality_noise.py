@@ -1,21 +1,53 @@
-"""The quality-noise check: the same model under the same seeds is at distance ~0, other seeds are not."""
+"""The quality figure by sample size: its first group is the loop's figure, a model against
+itself rises by nothing, and other seeds move the figure."""
 
 import pytest
 
 from distill_forget.config import load_config
-from distill_forget.evaluate import load_judge
-from distill_forget.quality_noise import quality_noise
+from distill_forget.evaluate import evaluate_pipeline, generate, grid_prompts, load_judge, retained_rows
+from distill_forget.pipelines import load_pipeline
+from distill_forget.quality_noise import forgotten_of, group_sizes, rise_by_sample_size, study_seeds
 from distill_forget.world import concepts
 
 
-def test_same_model_same_seeds_is_at_zero_and_other_seeds_move_the_figure(tiny_pipeline_dir):
-    cfg = load_config("evaluate", ["sampling_steps=2", "reference_repeats=1", "batch=32"])
+def test_seed_groups_start_with_the_evaluation_seeds_and_double():
+    assert study_seeds([0, 1, 2], 12) == list(range(12))
+    assert study_seeds([5], 3) == [5, 6, 7]
+    assert group_sizes(3, 12) == [3, 6, 12]
+    assert group_sizes(3, 9) == [3, 9]
+    assert group_sizes(2, 2) == [2]
+    with pytest.raises(ValueError, match="multiple of the evaluation's 3 seeds"):
+        study_seeds([0, 1, 2], 10)
+
+
+def test_a_folder_that_is_no_step_is_refused_by_name(tmp_path):
+    with pytest.raises(SystemExit, match="is not a step folder of a run"):
+        forgotten_of(tmp_path)
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "metrics.json").write_text('{"forgotten": ["dots", "star"]}')
+    assert forgotten_of(tmp_path) == ["dots", "star"]
+
+
+def test_first_group_is_the_loops_figure_and_a_model_against_itself_rises_by_nothing(tiny_pipeline_dir):
+    cfg = load_config("evaluate", ["sampling_steps=2", "reference_repeats=1", "batch=32", "seeds=[0]"])
     forgotten = concepts.OBJECTS[4:] + concepts.STYLES[4:]  # 4 x 4 pairs left
     judge = load_judge(None).eval()  # the shipped judge: a random one's features are all ~0
-    result = quality_noise(tiny_pipeline_dir, tiny_pipeline_dir, forgotten, [0], [1], cfg, judge)
-    assert result["images per side"] == 16
-    assert result["model, evaluation seeds"] == pytest.approx(result["base, evaluation seeds"], rel=1e-4)
-    assert result["model, other seeds"] == pytest.approx(result["base, other seeds"], rel=1e-4)
-    assert result["model vs base, evaluation seeds"] == pytest.approx(0.0, abs=1e-2)
-    assert result["base vs base, the two seed sets"] > 1e-2
-    assert result["base, other seeds"] != pytest.approx(result["base, evaluation seeds"], rel=1e-4)
+    pipe = load_pipeline(tiny_pipeline_dir)
+    seeds = study_seeds(cfg.seeds, 2)
+    items = grid_prompts(seeds)
+    prompts = [items[i] for i in retained_rows(items, forgotten)]
+    images = generate(pipe, prompts, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+
+    rows = rise_by_sample_size(images, images, prompts, forgotten, seeds, 1, judge, cfg)
+
+    assert [(row["size"], row["seeds"], row["images"]) for row in rows] == [(1, [0], 16), (1, [1], 16), (2, [0, 1], 32)]
+    loop_figure = evaluate_pipeline(pipe, judge, cfg, forgotten)[0]["metrics"]["quality"]
+    assert rows[0]["model"] == pytest.approx(loop_figure, rel=1e-3)
+    assert all(row["rise"] == pytest.approx(0.0, abs=1e-6) for row in rows)
+    assert rows[1]["base"] != pytest.approx(rows[0]["base"], rel=1e-3)  # another seed, another figure
+
+    moved = images.clone()
+    moved[len(prompts) // 2 :] = 255 - moved[len(prompts) // 2 :]  # seed 1's images inverted
+    rows = rise_by_sample_size(moved, images, prompts, forgotten, seeds, 1, judge, cfg)
+    assert rows[0]["rise"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["rise"] > 5 and rows[2]["rise"] > 5
