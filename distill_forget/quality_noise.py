@@ -119,5 +119,6 @@ def main(argv=None) -> None:
             spread = f"{min(rises):+.1f} to {max(rises):+.1f} % over {groups} groups, mean " if groups > 1 else ""
             print(f"{size} seeds: rise {spread}{sum(rises) / len(rises):+.1f} %")
 
+
 if __name__ == "__main__":
     main()
