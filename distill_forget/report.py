@@ -27,6 +27,15 @@ TITLES = {
 }
 
 
+# Under the table: what the quality comparison is, and how far to trust it.
+QUALITY_NOTE = (
+    "Quality vs base: the step's Frechet distance over the (object, style) pairs that name no concept "
+    "forgotten so far, against the base model's over the same pairs. It comes from the evaluation's few "
+    "seeds, so it is noisy and biased: `python -m distill_forget.quality_noise RUN/steps/NN-concept` "
+    "gives it over 12 seeds.\n\n"
+)
+
+
 def _with_main_metrics(metrics: dict | None) -> dict:
     metrics = dict(metrics or {})
     return {**{key: metrics.get(key) for key in MAIN_METRICS}, **metrics}
@@ -39,6 +48,7 @@ def build_report(base: dict, steps: list[dict]) -> dict:
     rows = []
     for step in steps:
         metrics = _with_main_metrics(step.get("metrics"))
+        base_metrics = step.get("base_metrics") or base["metrics"]  # the base over the step's own pairs
         cumulative += step.get("seconds") or 0.0
         rows.append(
             {
@@ -46,11 +56,18 @@ def build_report(base: dict, steps: list[dict]) -> dict:
                 "metrics": metrics,
                 "seconds": step.get("seconds"),
                 "cumulative_seconds": round(cumulative, 2),
-                # a step may carry the base model's metrics over its own forgotten set
-                "relative_to_base": relative_to_base(metrics, step.get("base_metrics") or base["metrics"]),
+                "relative_to_base": relative_to_base(metrics, base_metrics),
+                "quality_vs_base": quality_rise(metrics, base_metrics),
             }
         )
     return {"base": base, "steps": rows}
+
+
+def quality_rise(metrics: dict, base: dict) -> float | None:
+    """How far the quality figure (a distance: lower is better) is above the base model's, in %."""
+    if not _is_number(metrics.get("quality")) or not base.get("quality"):
+        return None
+    return round(100.0 * (metrics["quality"] / base["quality"] - 1), 2)
 
 
 def _is_number(value) -> bool:
@@ -71,17 +88,19 @@ def _metric_cells(metrics: dict) -> list[str]:
 def format_markdown(report: dict) -> str:
     """A markdown table: the base model, then one row per request."""
     header = ["request", "concept", "UA", "IRA", "CRA", "NRA", "quality"]
-    header += ["retention vs base (IRA / CRA / NRA %)", "seconds"]
+    header += ["retention vs base (IRA / CRA / NRA %)", "quality vs base (%)", "seconds"]
     base = report["base"]["metrics"]
 
     def retention(relative: dict) -> str:
         return " / ".join(_cell(relative.get(f"{key}_rel")) for key in RETENTION)
 
     base_seconds = _cell(report["base"].get("seconds"))
-    rows = [["0 (base)", "-", *_metric_cells(base), retention(relative_to_base(base, base)), base_seconds]]
+    rows = [["0 (base)", "-", *_metric_cells(base), retention(relative_to_base(base, base)), "-", base_seconds]]
     for step in report["steps"]:
         concept = f"{step.get('concept', '-')} ({step['kind']})" if step.get("kind") else str(step.get("concept", "-"))
-        cells = [*_metric_cells(step["metrics"]), retention(step["relative_to_base"]), _cell(step["seconds"])]
+        rise = step.get("quality_vs_base")
+        cells = [*_metric_cells(step["metrics"]), retention(step["relative_to_base"]),
+                 "-" if rise is None else f"{rise:+.1f}", _cell(step["seconds"])]  # fmt: skip
         rows.append([str(step["index"]), concept, *cells])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -93,7 +112,8 @@ def format_markdown(report: dict) -> str:
         + "Metrics in % (quality: Frechet distance, lower is better); `-` is not measured.\n\n"
         + "\n".join(lines)
         + f"\n\n{len(report['steps'])} requests, {total:.1f} s in all.\n\n"
-        "![metrics over requests](metrics.png)\n\n![cumulative cost](cost.png)\n"
+        + QUALITY_NOTE
+        + "![metrics over requests](metrics.png)\n\n![cumulative cost](cost.png)\n"
     )
 
 

@@ -22,6 +22,7 @@ STEPS = [
         "concept": "circle",
         "kind": "object",
         "metrics": {"ua": 97.0, "ira": 72.0, "cra": 78.0, "quality": 2.1},  # nra not measured
+        "base_metrics": {"ira": 90.0, "cra": 80.0, "quality": 1.4},  # the base over this step's own pairs
         "seconds": 100.0,
     },
 ]
@@ -47,6 +48,8 @@ def test_report_json_has_the_required_structure(written):
     assert second["metrics"]["nra"] is None
     assert second["cumulative_seconds"] == 220.0
     assert second["relative_to_base"]["ira_rel"] == 80.0  # 72 / 90
+    assert report["steps"][0]["quality_vs_base"] == 20.0  # 1.8 against the base's 1.5
+    assert second["quality_vs_base"] == 50.0  # 2.1 against the base's 1.4 over the same pairs, not 1.5
     assert report["steps"][0]["checkpoint"] == "steps/01-dots/pipeline"  # extra keys are kept
 
 
@@ -57,8 +60,10 @@ def test_report_md_has_base_and_one_row_per_request(written):
     assert "UA" in header and "NRA" in header and "seconds" in header
     assert len(rows) == 1 + len(STEPS)
     assert rows[0].startswith("| 0 (base) |")
-    assert "| 1 | dots (style) | 98.0 | 81.0 | 80.0 | 35.0 | 1.8 | 90.0 / 100.0 / 50.0 | 120.0 |" in rows[1]
+    assert "| 1 | dots (style) | 98.0 | 81.0 | 80.0 | 35.0 | 1.8 | 90.0 / 100.0 / 50.0 | +20.0 | 120.0 |" in rows[1]
     assert "| 97.0 | 72.0 | 78.0 | - |" in rows[2]  # None shown as "-"
+    assert "| 80.0 / 97.5 / - | +50.0 | 100.0 |" in rows[2]
+    assert "distill_forget.quality_noise" in (run_dir / "report.md").read_text()  # how far to trust the figure
 
 
 def test_the_plots_are_valid_pngs(written):
