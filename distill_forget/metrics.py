@@ -96,6 +96,13 @@ def compute_metrics(
     return {"metrics": metrics, "per_concept": concepts}
 
 
+def quality_rise(quality, base_quality) -> float | None:
+    """How far a quality figure (a distance: lower is better) is above the base model's, in %."""
+    if not isinstance(quality, (int, float)) or isinstance(quality, bool) or not base_quality:
+        return None
+    return round(100.0 * (quality / base_quality - 1), 2)
+
+
 def relative_to_base(metrics: dict, base: dict) -> dict:
     """Retention relative to the base model (`IRA_i / IRA_0`), in %."""
     out = {}

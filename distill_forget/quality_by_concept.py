@@ -21,6 +21,7 @@ import torch
 
 from distill_forget.config import MINICANVAS_DIR, load_config
 from distill_forget.evaluate import frechet_distance_to, generate, grid_prompts, load_judge, real_renders, retained_pairs, retained_rows
+from distill_forget.metrics import quality_rise
 from distill_forget.pipelines import load_pipeline
 from distill_forget.storage import torch_load
 
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
         images[name] = generate(load_pipeline(folder), prompts, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
     reference = real_renders(retained_pairs(args.forgotten, cfg.reference_repeats), cfg.reference_seed)
     result = quality_by_concept(images["model"], images["base"], prompts, reference, load_judge(args.judge).eval())
-    rise = 100 * (result["model"] / result["base"] - 1)
+    rise = quality_rise(result["model"], result["base"])
     print(f"quality: model {result['model']:.1f}, base {result['base']:.1f} ({rise:+.1f} %)")
     print(f"{'concept':<18} {'drop when put back':>18} {'pixel change':>12} {'images':>6}")
     for row in result["concepts"]:

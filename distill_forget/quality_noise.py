@@ -24,7 +24,7 @@ import torch
 
 from distill_forget.config import MINICANVAS_DIR, load_config
 from distill_forget.evaluate import (
-    frechet_distance,
+    frechet_distance_to,
     generate,
     grid_prompts,
     load_judge,
@@ -32,6 +32,7 @@ from distill_forget.evaluate import (
     retained_pairs,
     retained_rows,
 )
+from distill_forget.metrics import quality_rise
 from distill_forget.pipelines import load_pipeline
 
 
@@ -68,10 +69,12 @@ def rise_by_sample_size(model, base, prompts, forgotten, seeds, per_evaluation, 
             mine = torch.isin(seed_of, torch.tensor(group))
             repeats = cfg.reference_repeats * size // per_evaluation
             reference = real_renders(retained_pairs(forgotten, repeats), cfg.reference_seed + k)
-            model_figure = frechet_distance(judge, model[mine], reference)
-            base_figure = frechet_distance(judge, base[mine], reference)
+            distance = frechet_distance_to(judge, reference)  # the reference's features once, for both models
+            if distance is None:
+                raise ValueError("quality_noise needs a judge with a feature space (`features`), as quality does")
+            model_figure, base_figure = distance(model[mine]), distance(base[mine])
             rows.append({"size": size, "seeds": group, "images": int(mine.sum()), "base": base_figure,
-                         "model": model_figure, "rise": 100 * (model_figure / base_figure - 1)})  # fmt: skip
+                         "model": model_figure, "rise": quality_rise(model_figure, base_figure)})  # fmt: skip
     return rows
 
 

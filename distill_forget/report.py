@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from distill_forget.metrics import relative_to_base
+from distill_forget.metrics import quality_rise, relative_to_base
 from distill_forget.storage import atomic_file, write_json
 
 MAIN_METRICS = ("ua", "ira", "cra", "nra", "quality")  # every report carries these, None when not measured
@@ -57,17 +57,10 @@ def build_report(base: dict, steps: list[dict]) -> dict:
                 "seconds": step.get("seconds"),
                 "cumulative_seconds": round(cumulative, 2),
                 "relative_to_base": relative_to_base(metrics, base_metrics),
-                "quality_vs_base": quality_rise(metrics, base_metrics),
+                "quality_vs_base": quality_rise(metrics["quality"], base_metrics.get("quality")),
             }
         )
     return {"base": base, "steps": rows}
-
-
-def quality_rise(metrics: dict, base: dict) -> float | None:
-    """How far the quality figure (a distance: lower is better) is above the base model's, in %."""
-    if not _is_number(metrics.get("quality")) or not base.get("quality"):
-        return None
-    return round(100.0 * (metrics["quality"] / base["quality"] - 1), 2)
 
 
 def _is_number(value) -> bool:
