@@ -3,7 +3,8 @@
 Per optimizer step (through Lightning's `WandbLogger`, passed to every request's Trainer):
 every objective's `loss/<name>`, `loss/total` and the learning rate (`lr-AdamW`). Per request
 (`WandbReport.request_done`, called by the loop on rank 0): the metrics as curves over requests
-(`request/<metric>`, x-axis `request`) and as a table (`metrics_table`), the step folder's
+(`request/<metric>`, x-axis `request`; `request/quality_vs_base`: the quality figure's rise over the
+base model's on the same pairs, in %, as in report.md) and as a table (`metrics_table`), the step folder's
 forget-vs-retain image grid (`grid`), and the ledger as an artifact (`ledger-<run id>`).
 
 The run's id is kept in `RUN_DIR/wandb_id`, so a killed or requeued job that resumes the run
@@ -16,11 +17,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from distill_forget.metrics import quality_rise
 from distill_forget.storage import atomic_file
 
 MODES = ("auto", "online", "offline", "disabled")
 ID_FILE = "wandb_id"
-TABLE_COLUMNS = ("request", "concept", "kind", "ua", "ira", "cra", "nra", "quality", "seconds")
+TABLE_COLUMNS = ("request", "concept", "kind", "ua", "ira", "cra", "nra", "quality", "quality_vs_base", "seconds")
 
 
 def wandb_mode(setting: str) -> str:
@@ -70,11 +72,18 @@ class WandbReport:
         print(f"[wandb] run {run.id} ({mode}) in {save_dir}", flush=True)
         return cls(logger)
 
-    def request_done(self, record: dict, folder: Path, ledger_path: Path, log: bool = True) -> None:
-        """Add a finished request to the table; with `log` (not when it was done by an earlier job), log it."""
+    def request_done(self, record: dict, folder: Path, ledger_path: Path, base_metrics: dict | None = None,
+                     log: bool = True) -> None:
+        """Add a finished request to the table; with `log` (not when it was done by an earlier job), log it.
+
+        `base_metrics`: the base model's metrics over the step's pairs, for the quality rise.
+        """
         import wandb
 
         metrics = {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        rise = quality_rise(metrics.get("quality"), (base_metrics or {}).get("quality"))
+        if rise is not None:
+            metrics["quality_vs_base"] = rise
         request = record["request"]
         row = {"request": record["index"], "concept": request["concept"], "kind": request["kind"],
                **metrics, "seconds": record["seconds"]}  # fmt: skip

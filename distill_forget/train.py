@@ -226,10 +226,11 @@ def main(argv=None) -> None:
         if not ranks.is_main:
             continue
         step_rows.append(report_row(record))
-        if base is not None:  # the base row over the latest set of forgotten concepts
-            write_report(run_dir, {"metrics": record.get("base_metrics") or base["metrics"]}, step_rows)
+        base_metrics = record.get("base_metrics") or (base or {}).get("metrics")  # the base over this step's pairs
+        if base is not None:
+            write_report(run_dir, {"metrics": base_metrics}, step_rows)
         if report is not None:
-            report.request_done(record, folder, ledger.path, log=new)  # logged once, by the job that ran it
+            report.request_done(record, folder, ledger.path, base_metrics, log=new)  # logged once, by the job that ran it
     if report is not None:
         report.finish()
     say(f"all {len(requests)} requests done; final model {teacher_dir}; report {run_dir / 'report.md'}; "
