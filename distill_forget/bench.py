@@ -162,7 +162,7 @@ def main(argv=None) -> None:
 
     print(f"bench {out}: {len(methods)} methods on {cfg.requests}, {cfg.jobs} at a time", flush=True)
     if cfg.jobs > 1:
-        run_in_parallel(cfg, out, methods, arguments)
+        run_in_parallel(cfg, out, methods, arguments, forwarded)
         return
     summaries, first_run = {}, None
     for number, (method, (description, _)) in enumerate(methods.items(), start=1):
@@ -173,11 +173,11 @@ def main(argv=None) -> None:
         train.main(args)
         first_run = first_run or run_dir
         summaries[method] = method_summary(method, description, run_dir, args)
-        write_bench(out, cfg.requests, summaries, 1, cfg.threads)  # after each method: partial results are readable
+        write_bench(out, cfg.requests, summaries, 1, cfg.threads, forwarded)  # after each method: partial results are readable
     print(f"\nbench done: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
 
 
-def run_in_parallel(cfg, out: Path, methods: dict, arguments: dict) -> None:
+def run_in_parallel(cfg, out: Path, methods: dict, arguments: dict, command_line: list[str]) -> None:
     """`jobs` methods at a time, each loop in its own process with `threads // jobs` threads.
 
     The starting model is evaluated once first and shared; each method's output goes to
@@ -212,7 +212,7 @@ def run_in_parallel(cfg, out: Path, methods: dict, arguments: dict) -> None:
                 continue
             print(f"[bench] {name} done in {minutes:.1f} min", flush=True)
             summaries[name] = method_summary(name, methods[name][0], out / name, arguments[name])
-            write_bench(out, cfg.requests, {n: summaries[n] for n in names if n in summaries}, cfg.jobs, threads)
+            write_bench(out, cfg.requests, {n: summaries[n] for n in names if n in summaries}, cfg.jobs, threads, command_line)
     if failed:
         raise SystemExit(f"bench: methods {failed} failed (their logs: OUT/<method>/bench.log); rerun to continue them")
     print(f"\nbench done: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
@@ -221,8 +221,10 @@ def run_in_parallel(cfg, out: Path, methods: dict, arguments: dict) -> None:
 # ---------------------------------------------------------------- results
 
 
-def write_bench(out: Path, requests: str, summaries: dict, jobs: int = 1, threads: int | None = None) -> None:
-    bench = {"requests": requests, "jobs": jobs, "threads_per_method": threads, "methods": summaries}
+def write_bench(out: Path, requests: str, summaries: dict, jobs: int = 1, threads: int | None = None, command_line=()) -> None:
+    """`command_line`: the settings given on the bench's command line, over every method's own file."""
+    bench = {"requests": requests, "jobs": jobs, "threads_per_method": threads, "command_line": list(command_line),
+             "methods": summaries}  # fmt: skip
     write_json(out / "bench.json", bench)
     with atomic_file(out / "bench.md") as tmp:
         tmp.write_text(format_markdown(bench))
@@ -257,6 +259,8 @@ def format_markdown(bench: dict) -> str:
         cells = [_cell(last["metrics"][k], k) for k in MAIN_METRICS]
         lines.append(f"| {name} | {last['setting']} | " + " | ".join(cells) + f" | {rel} | {last['cumulative_seconds']:.0f} |")
     lines += ["", "Methods:", ""] + [f"- `{name}`: {m['description']}" for name, m in methods.items()]
+    if bench.get("command_line"):  # a method's description names its file's settings, not these
+        lines += ["", "Set on the command line for every method, over its file: " + " ".join(f"`{a}`" for a in bench["command_line"])]
     lines += [
         "",
         "## Over the whole sequence",

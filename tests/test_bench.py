@@ -54,6 +54,9 @@ def test_bench_writes_results_and_a_rerun_reuses_finished_runs(tiny_pipeline_dir
     markdown = (out / "bench.md").read_text()
     assert "| distill | sequential |" in markdown and "| ablation-ties | independent |" in markdown
     assert "## UA" in markdown and "cumulative cost" in markdown
+    given = [a for a in FAST if not a.startswith("threads=")]  # the settings of the runs, not the bench's own
+    assert result["command_line"] == given  # a method's description names its file's settings only
+    assert "Set on the command line for every method, over its file: " + " ".join(f"`{a}`" for a in given) in markdown
     for name, method in result["methods"].items():  # the whole curve, in the json and as its own table
         uas = [s["metrics"]["ua"] for s in method["steps"]]
         assert method["over_requests"]["ua_mean"] == round(sum(uas) / 2, 1), name
