@@ -377,6 +377,22 @@ def test_protected_neighbours_are_target_candidates_only_with_among_neighbors():
         assert any("plus sign" in mentioned(p) for p in groups.neighbor)  # protected either way
 
 
+def test_target_and_the_concepts_closest_to_it_join_the_neighbour_replay_with_protect():
+    def distances(_prompt, sentences):  # `plus sign` is closest to anything, then ring, triangle, heart
+        order = {"plus sign": 0.0, "ring": 1.0, "triangle": 1.5, "heart": 1.8}
+        return torch.tensor([next((d for c, d in order.items() if c in s), 2.0) for s in sentences])
+
+    request = Request("cross", "object", neighbors=["plus sign", "diamond"])
+    off_groups, off = plan_prompts(request, [], fast_cfg("target.mode=score"), distances, encoder=None)
+    groups, plan = plan_prompts(request, [], fast_cfg("target.mode=score", "target.protect=3"), distances, None)
+    assert list(plan["targets"]["counts"]) == list(off["targets"]["counts"]) == ["ring"]
+    assert plan["targets"]["protected"]["chosen"] == ["ring", "triangle", "heart"]  # neighbours are not offered
+    nearby = {"ring", "triangle", "heart"}
+    assert not nearby & {c for p in off_groups.neighbor for c in mentioned(p)} and "protected" not in off["targets"]
+    assert nearby <= {c for p in groups.neighbor for c in mentioned(p)}
+    assert nearby <= set(plan["replayed_concepts"]) and not nearby & set(plan["held_out_concepts"])
+
+
 def test_targets_of_earlier_requests_are_no_candidates_unless_reuse():
     def distances(_prompt, sentences):  # `ring` is closest to `cross`, then `triangle`
         return torch.tensor([0.0 if "ring" in s else 1.0 if "triangle" in s else 2.0 for s in sentences])

@@ -37,7 +37,7 @@ from distill_forget.distill.prompts import (
     retain_prompts,
     world_concepts,
 )
-from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
+from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_protected, choose_targets
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.requests import (
     Request,
@@ -123,9 +123,6 @@ def plan_prompts(
         retain_replayed, replayed, held_out = [], list(neighbors), []
         retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
 
-    neighbor = [p for _, p in neighbor_rows]
-    neighbor_touched = [n in touched for n, _ in neighbor_rows]
-
     if cfg.forget_objective == "esd":  # negative guidance maps to no other prompt: no target to choose
         targets, target_record = [""] * len(forget), {"mode": "none (esd)", "counts": {}}
     else:
@@ -136,6 +133,22 @@ def plan_prompts(
         )
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
+    # The target and the concepts closest to it join the neighbour replay (`target.protect`).
+    target = max(target_record["counts"], key=target_record["counts"].get) if target_record["counts"] else ""
+    target_text = concept_prompt(target, request.kind) if cfg.world == "minicanvas" and target else target
+    nearby = {c: p for c, p in pool.items() if c not in neighbors and c != target}
+    protected, protected_record = choose_protected(cfg.target.protect, target, target_text, nearby, distances)
+    if protected:
+        target_record["protected"] = protected_record
+    if cfg.world == "minicanvas":
+        neighbor_rows += [(n, p) for n in protected for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
+        replayed = [c for c in retained if c in replayed or c in protected]
+        held_out = [c for c in retained if c not in replayed]
+    else:
+        neighbor_rows += [(n, replace_concept(p, request.concept, n)) for n in protected for p in forget]
+        replayed += [n for n in protected if n not in replayed]
+    neighbor = [p for _, p in neighbor_rows]
+    neighbor_touched = [n in touched for n, _ in neighbor_rows]
     # Each forget prompt with a neighbour in the concept's place: replayed at the forget rows' own
     # noisy latents, where the student learns the mapping (`neighbors.twins`).
     twins = [[v for n in neighbors if (v := replace_concept(p, request.concept, n)) != p] for p in forget]
