@@ -176,7 +176,7 @@ def choose_protected(count: int, target: str, target_text: str, pool: dict[str, 
     if count <= 0 or not target:
         return [], {}
     names, prompts = list(pool), list(pool.values())
-    order = distances(target_text, prompts).tolist() if names else []
-    ranked = sorted(zip(order, names))
+    from_target = distances(target_text, prompts).tolist() if names else []
+    ranked = sorted(zip(from_target, names))
     chosen = [target, *(n for _, n in ranked[: count - 1])]
     return chosen, {"chosen": chosen, "distance": {n: round(float(d), 6) for d, n in ranked}}
