@@ -37,7 +37,7 @@ from distill_forget.distill.prompts import (
     retain_prompts,
     world_concepts,
 )
-from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_protected, choose_targets
+from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.requests import (
     Request,
@@ -96,7 +96,9 @@ def plan_prompts(
         retain = retain_prompts(retain_replayed)
         fresh = set(retain_prompts([c for c in retain_replayed if c not in touched]))  # name untouched concepts only
         retain_touched = [p not in fresh for p in retain]
-        neighbor_rows = [(n, p) for n in neighbors for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
+        def rows_of(names: list[str]) -> list[tuple[str, str]]:  # (concept, prompt) of the concepts protected most
+            return [(n, p) for n in names for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
+
         earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
         # Unless `target.among_neighbors`, the protected neighbours are not offered as the
         # replacement; unless `target.reuse`, neither are the targets of earlier requests; with
@@ -107,8 +109,6 @@ def plan_prompts(
         if cfg.target.avoid_pending:
             taken |= set(pending)
         candidates = request.targets or [c for c in offered if c not in taken] or offered
-        replayed = [c for c in retained if c in retain_replayed or c in neighbors]
-        held_out = [c for c in retained if c not in replayed]
     else:
         if not request.prompts:
             where = request.where or repr(request.concept)
@@ -117,10 +117,12 @@ def plan_prompts(
         retain = list(cfg.retain.prompts)
         retain += [replace_concept(p, f.concept, n) for f in forgotten for n in f.neighbors if n in earlier_neighbors
                    for p in (f.prompts or [f.concept])]  # fmt: skip
-        neighbor_rows = [(n, replace_concept(p, request.concept, n)) for n in neighbors for p in forget]
+        def rows_of(names: list[str]) -> list[tuple[str, str]]:  # the forget prompts with each concept in place
+            return [(n, replace_concept(p, request.concept, n)) for n in names for p in forget]
+
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = request.targets or [""]
-        retain_replayed, replayed, held_out = [], list(neighbors), []
+        retain_replayed = []
         retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
 
     if cfg.forget_objective == "esd":  # negative guidance maps to no other prompt: no target to choose
@@ -133,20 +135,23 @@ def plan_prompts(
         )
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
-    # The target and the concepts closest to it join the neighbour replay (`target.protect`).
-    target = max(target_record["counts"], key=target_record["counts"].get) if target_record["counts"] else ""
-    target_text = concept_prompt(target, request.kind) if cfg.world == "minicanvas" and target else target
-    nearby = {c: p for c, p in pool.items() if c not in neighbors and c != target}
-    protected, protected_record = choose_protected(cfg.target.protect, target, target_text, nearby, distances)
-    if protected:
-        target_record["protected"] = protected_record
+    counts = target_record["counts"]
+    target = max(counts, key=counts.get) if counts else ""  # the one most forget prompts are mapped onto
+    # `target.protect`: the target and the concepts closest to it (score distance, as neighbours
+    # are chosen) are replayed with the neighbours.
+    protected = []
+    if cfg.target.protect > 0 and target:
+        target_text = concept_prompt(target, request.kind) if cfg.world == "minicanvas" else target
+        nearby = {c: p for c, p in pool.items() if c not in neighbors and c != target}
+        closest, ranking = choose_neighbors("score", target_text, nearby, cfg.target.protect - 1, [], distances)
+        protected = [target, *closest]
+        target_record["protected"] = {"chosen": protected, "distance": ranking.get("distance", {})}
+    neighbor_rows = rows_of([*neighbors, *protected])
     if cfg.world == "minicanvas":
-        neighbor_rows += [(n, p) for n in protected for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
-        replayed = [c for c in retained if c in replayed or c in protected]
+        replayed = [c for c in retained if c in retain_replayed or c in neighbors or c in protected]
         held_out = [c for c in retained if c not in replayed]
     else:
-        neighbor_rows += [(n, replace_concept(p, request.concept, n)) for n in protected for p in forget]
-        replayed += [n for n in protected if n not in replayed]
+        replayed, held_out = list(dict.fromkeys([*neighbors, *protected])), []
     neighbor = [p for _, p in neighbor_rows]
     neighbor_touched = [n in touched for n, _ in neighbor_rows]
     # Each forget prompt with a neighbour in the concept's place: replayed at the forget rows' own
@@ -160,10 +165,9 @@ def plan_prompts(
     forgotten_rows = [(f.concept, p) for f in forgotten for p in earlier_prompts[f.concept]]
     forgotten_prompts, forgotten_mapped = [p for _, p in forgotten_rows], []
     followers = [f.concept for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
-    if followers and target_record["counts"]:
-        new_target = max(target_record["counts"], key=target_record["counts"].get)
-        target_record["followers"] = {f: new_target for f in followers}
-        forgotten_mapped = [replace_concept(p, c, new_target) if c in followers else p for c, p in forgotten_rows]
+    if followers and counts:
+        target_record["followers"] = {f: target for f in followers}
+        forgotten_mapped = [replace_concept(p, c, target) if c in followers else p for c, p in forgotten_rows]
     groups = PromptGroups(
         forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, retain_touched, neighbor_touched
     )

@@ -164,19 +164,3 @@ def choose_neighbors(
     chosen = [names[i] for i in order[:top_k]]
     return chosen, {"mode": mode, "chosen": chosen, "source": mode, **ranking}
 
-
-def choose_protected(count: int, target: str, target_text: str, pool: dict[str, str], distances: ScoreDistances):
-    """The chosen target and the retained concepts closest to it, `count` in all, and a record.
-
-    The forget mapping pulls the concept onto its target, and the concepts around the target move
-    with it; these are replayed with the neighbour weight, as the concept's own neighbours are
-    (`target.protect`). `pool`: name -> prompt of the concepts that may be protected (not the
-    target, not a neighbour); `target_text`: the target's prompt.
-    """
-    if count <= 0 or not target:
-        return [], {}
-    names, prompts = list(pool), list(pool.values())
-    from_target = distances(target_text, prompts).tolist() if names else []
-    ranked = sorted(zip(from_target, names))
-    chosen = [target, *(n for _, n in ranked[: count - 1])]
-    return chosen, {"chosen": chosen, "distance": {n: round(float(d), 6) for d, n in ranked}}
