@@ -153,6 +153,24 @@ def test_projected_updates_keep_the_keys_and_values_of_protected_embeddings(tiny
     assert results[False] > 1e-2, results  # the same training moves them without the projection
 
 
+def test_projection_protects_only_the_groups_it_is_given(tiny_pipeline_dir):
+    cfg = load_config("step", [*FAST, "steps=3", "lr=1e-2", "warmup=1", "trainable=cross_attention_kv",
+                               "forget_objective=ablation", "regularizers.projection.enabled=true",
+                               "regularizers.projection.protect=[neighbor]", "regularizers.projection.dedup_cosine=null"])  # fmt: skip
+    module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])
+    before = copy.deepcopy(module.unet)
+    make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
+    assert relative_change(before, module.unet, module.embeds["neighbor"].text) < 1e-4
+    assert relative_change(before, module.unet, module.embeds["retain"].text) > 1e-3  # no longer protected
+
+
+def test_projection_refuses_an_unknown_group(tiny_pipeline_dir):
+    cfg = load_config("step", [*FAST, "trainable=cross_attention_kv", "regularizers.projection.enabled=true",
+                               "regularizers.projection.protect=[retained]"])  # fmt: skip
+    with pytest.raises(ValueError, match="projection.protect must list groups among"):
+        build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])
+
+
 def test_projection_leaves_directions_outside_the_protected_span_free():
     net = nn.Module()
     net.block = nn.Module()

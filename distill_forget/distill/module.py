@@ -51,6 +51,7 @@ BASE_ROWS = {
     "untouched": ("retain_untouched", "neighbor_untouched", "unconditional"),
 }
 SPLIT_GROUPS = ("retain", "neighbor")  # the groups `untouched` splits by prompt
+PROTECTABLE_GROUPS = ("retain", "neighbor", "forgotten")  # prompt groups the gradient projection may protect
 GUIDED_LOSSES = ("forget", "retain", "neighbor", "forgotten", "twin")  # those `loss_guidance` may compare guided
 
 
@@ -221,6 +222,9 @@ class DistillForgetModule(L.LightningModule):
                 f"loss_guidance.scale={guidance.scale} compares guided predictions, which needs loss_scale=mse and a "
                 "retain_teacher other than untouched"
             )
+        protect = list(regs.projection.protect)
+        if regs.projection.enabled and (not protect or set(protect) - set(PROTECTABLE_GROUPS)):
+            raise ValueError(f"regularizers.projection.protect must list groups among {PROTECTABLE_GROUPS} (got {protect})")
         self.embeds: dict[str, Condition] = {}
         self.twin_table: torch.Tensor | None = None  # (forget prompts, k): rows of embeds["twin"], -1: none
         self.sampler, self.replay, self.replay_seconds = None, None, 0.0
@@ -289,10 +293,11 @@ class DistillForgetModule(L.LightningModule):
             kept = sum(int(m.sum()) for m in self.selective.masks.values())
             print(f"[step] selective fine-tuning: {kept} of the trainable elements may change", flush=True)
         if regs.projection.enabled:
-            # Protected: retained and neighbouring concepts, and those forgotten before (kept forgotten).
-            protected = [self.embeds[g] for g in ("retain", "neighbor", "forgotten") if g in self.embeds]
+            # Protected by default: retained and neighbouring concepts, and those forgotten before (kept forgotten).
+            groups = list(regs.projection.protect)
+            protected = [self.embeds[g] for g in groups if g in self.embeds]
             if not protected:
-                raise ValueError("regularizers.projection.enabled: the step has no retain, neighbour or forgotten prompts to protect")
+                raise ValueError(f"regularizers.projection.enabled: the step has no {' / '.join(groups)} prompts to protect")
             states = torch.cat([getattr(e, "text", e) for e in protected])  # the states to_k / to_v read
             self.projection = ProtectedProjection(self.unet, states, regs.projection.dedup_cosine)
             if not self.projection.names:
