@@ -222,9 +222,11 @@ class DistillForgetModule(L.LightningModule):
                 f"loss_guidance.scale={guidance.scale} compares guided predictions, which needs loss_scale=mse and a "
                 "retain_teacher other than untouched"
             )
-        protect = list(regs.projection.protect)
-        if regs.projection.enabled and (not protect or set(protect) - set(PROTECTABLE_GROUPS)):
-            raise ValueError(f"regularizers.projection.protect must list groups among {PROTECTABLE_GROUPS} (got {protect})")
+        self.protected_groups = list(regs.projection.protect)  # the prompt groups the gradient projection holds
+        if regs.projection.enabled and (not self.protected_groups or set(self.protected_groups) - set(PROTECTABLE_GROUPS)):
+            raise ValueError(
+                f"regularizers.projection.protect must list groups among {PROTECTABLE_GROUPS} (got {self.protected_groups})"
+            )
         self.embeds: dict[str, Condition] = {}
         self.twin_table: torch.Tensor | None = None  # (forget prompts, k): rows of embeds["twin"], -1: none
         self.sampler, self.replay, self.replay_seconds = None, None, 0.0
@@ -293,11 +295,11 @@ class DistillForgetModule(L.LightningModule):
             kept = sum(int(m.sum()) for m in self.selective.masks.values())
             print(f"[step] selective fine-tuning: {kept} of the trainable elements may change", flush=True)
         if regs.projection.enabled:
-            # Protected by default: retained and neighbouring concepts, and those forgotten before (kept forgotten).
-            groups = list(regs.projection.protect)
-            protected = [self.embeds[g] for g in groups if g in self.embeds]
+            # By default: retained and neighbouring concepts, and those forgotten before (kept forgotten).
+            protected = [self.embeds[g] for g in self.protected_groups if g in self.embeds]
             if not protected:
-                raise ValueError(f"regularizers.projection.enabled: the step has no {' / '.join(groups)} prompts to protect")
+                groups = " / ".join(self.protected_groups)
+                raise ValueError(f"regularizers.projection.enabled: the step has no {groups} prompts to protect")
             states = torch.cat([getattr(e, "text", e) for e in protected])  # the states to_k / to_v read
             self.projection = ProtectedProjection(self.unet, states, regs.projection.dedup_cosine)
             if not self.projection.names:
