@@ -96,7 +96,7 @@ def plan_prompts(
         retain = retain_prompts(retain_replayed)
         fresh = set(retain_prompts([c for c in retain_replayed if c not in touched]))  # name untouched concepts only
         retain_touched = [p not in fresh for p in retain]
-        def rows_of(names: list[str]) -> list[tuple[str, str]]:  # (concept, prompt) of the concepts protected most
+        def rows_of(names: list[str]) -> list[tuple[str, str]]:  # (concept, prompt): each named concept in its world contexts
             return [(n, p) for n in names for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
 
         earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}

@@ -163,4 +163,3 @@ def choose_neighbors(
         ranking = {"cosine": {names[i]: round(float(cosine[i]), 6) for i in order}}
     chosen = [names[i] for i in order[:top_k]]
     return chosen, {"mode": mode, "chosen": chosen, "source": mode, **ranking}
-
