@@ -8,9 +8,10 @@ images of the retained (object, style) pairs and real renders of those pairs
 (`evaluate.retained_quality`). Images with the same prompt and seed are comparable one to one
 between two models, so for every retained concept this prints how much the figure falls when
 that concept's images are the base model's again (the rest staying the model's), and how far
-its images moved, as the mean absolute pixel change (0-255) from the base model's. A concept
-whose images carry the rise tops the list; a rise spread over every concept gives small drops
-all along. Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base
+its images moved, as the mean absolute pixel change (0-255) from the base model's, and the
+part of that change common to the whole image: the mean change of each colour channel (signed,
+0-255). A concept whose images carry the rise tops the list; a rise spread over every concept
+gives small drops all along; a colour cast shows as the same signed shift in every row. Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base
 model's grid that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
 """
 
@@ -29,7 +30,8 @@ from distill_forget.storage import torch_load
 def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[dict], reference: torch.Tensor, judge) -> dict:
     """The quality figure of `model` and `base` (uint8 images, row for row the same prompt and
     seed) against `reference`, and per concept of `prompts`: the figure with that concept's
-    images taken from `base`, its drop from the model's, and the mean pixel change of its images.
+    images taken from `base`, its drop from the model's, the mean pixel change of its images and
+    their mean change per colour channel (`colour_shift`, R G B); `colour_shift` over all images too.
     """
     distance = frechet_distance_to(judge, reference)  # the reference's features once, not once per concept
     if distance is None:
@@ -40,10 +42,16 @@ def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[di
         mine = torch.tensor([concept in (p["object"], p["style"]) for p in prompts])
         put_back = torch.where(mine[:, None, None, None], base, model)
         restored = distance(put_back)
-        moved = (model[mine].float() - base[mine].float()).abs().mean().item()
-        rows.append({"concept": concept, "drop": figure - restored, "pixel_change": moved, "images": int(mine.sum())})
+        change = model[mine].float() - base[mine].float()
+        rows.append({"concept": concept, "drop": figure - restored, "pixel_change": change.abs().mean().item(),
+                     "colour_shift": colour_shift(change), "images": int(mine.sum())})  # fmt: skip
     rows.sort(key=lambda row: row["drop"], reverse=True)
-    return {"model": figure, "base": distance(base), "concepts": rows}
+    return {"model": figure, "base": distance(base), "colour_shift": colour_shift(model.float() - base.float()), "concepts": rows}
+
+
+def colour_shift(change: torch.Tensor) -> list[float]:
+    """The mean of each colour channel of pixel changes (N, C, H, W): [R, G, B], signed."""
+    return [round(v, 2) for v in change.mean((0, 2, 3)).tolist()]
 
 
 def main(argv=None) -> None:
@@ -77,9 +85,11 @@ def main(argv=None) -> None:
     result = quality_by_concept(images["model"], images["base"], prompts, reference, load_judge(args.judge).eval())
     rise = quality_rise(result["model"], result["base"])
     print(f"quality: model {result['model']:.1f}, base {result['base']:.1f} ({rise:+.1f} %)")
-    print(f"{'concept':<18} {'drop when put back':>18} {'pixel change':>12} {'images':>6}")
+    print("mean colour change of every retained image (R G B, 0-255): " + " ".join(f"{v:+.1f}" for v in result["colour_shift"]))
+    print(f"{'concept':<18} {'drop when put back':>18} {'pixel change':>12} {'colour change R G B':>21} {'images':>6}")
     for row in result["concepts"]:
-        print(f"{row['concept']:<18} {row['drop']:>18.1f} {row['pixel_change']:>12.1f} {row['images']:>6}")
+        shift = " ".join(f"{v:+6.1f}" for v in row["colour_shift"])
+        print(f"{row['concept']:<18} {row['drop']:>18.1f} {row['pixel_change']:>12.1f} {shift:>21} {row['images']:>6}")
 
 
 if __name__ == "__main__":

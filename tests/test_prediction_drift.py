@@ -1,0 +1,42 @@
+"""Prediction drift: a change common to every position reads as a spatial-mean share of 1."""
+
+import pytest
+import torch
+
+from distill_forget.pipelines import load_pipeline
+from distill_forget.prediction_drift import prediction_drift, spatial_mean_share
+
+PROMPTS = ["a ring in neon style", "a square in dots style", "a star in sketch style"]
+
+
+def test_a_bias_on_the_output_is_all_spatial_mean_and_a_cross_attention_change_is_not(tiny_pipeline_dir, tmp_path):
+    pipe = load_pipeline(tiny_pipeline_dir)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.add_(0.1)  # every prediction, whatever the prompt, up by 0.1 everywhere
+    pipe.save_pretrained(tmp_path / "bias")
+    pipe = load_pipeline(tiny_pipeline_dir)
+    with torch.no_grad():
+        for name, weight in pipe.unet.named_parameters():
+            if ".attn2.to_v." in name:
+                weight.add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    pipe.save_pretrained(tmp_path / "values")
+
+    same = prediction_drift(tiny_pipeline_dir, tiny_pipeline_dir, PROMPTS, [100, 900], sampling_steps=2)
+    assert all(row[k]["mse"] == 0.0 for row in same for k in ("conditional", "empty", "guided"))
+
+    for row in prediction_drift(tiny_pipeline_dir, tmp_path / "bias", PROMPTS, [100, 900], sampling_steps=2):
+        for kind in ("conditional", "empty", "guided"):  # u + w (c - u) keeps the bias as it is
+            assert row[kind]["mse"] == pytest.approx(0.01, rel=1e-3)
+            assert row[kind]["mean_share"] == pytest.approx(1.0, abs=1e-4)
+        assert row["guided"]["channel_means"] == pytest.approx([0.1] * 4, rel=1e-3)
+
+    for row in prediction_drift(tiny_pipeline_dir, tmp_path / "values", PROMPTS, [100, 900], sampling_steps=2):
+        assert row["conditional"]["mse"] > 0 and row["conditional"]["mean_share"] < 0.9
+
+
+def test_spatial_mean_share_of_a_texture_and_a_cast():
+    checker = ((torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 2 * 2.0 - 1.0).expand(2, 3, 4, 4)
+    assert spatial_mean_share(checker) == pytest.approx(0.0)
+    assert spatial_mean_share(torch.full((2, 3, 4, 4), -0.5)) == pytest.approx(1.0)
+    assert spatial_mean_share(checker + 1.0) == pytest.approx(0.5)
+    assert spatial_mean_share(torch.zeros(2, 3, 4, 4)) == 0.0
