@@ -302,6 +302,34 @@ def test_relative_retain_loss_is_zero_for_the_teacher_and_scaled_by_its_conditio
         RetainReplay(scheduler, GlobalBatch(seed=5), scale="relative")(Denoiser(student_unet), teacher, z0, retain)
 
 
+def test_mean_weight_counts_the_part_of_a_replay_error_common_to_every_position_more(networks):
+    teacher, encoder = networks
+    scheduler = training_scheduler()
+    z0 = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
+    retain = encoder(["a ring in neon style", "a square in dots style"])
+    channels, height, width = teacher.latent_shape
+    checker = (torch.arange(height)[:, None] + torch.arange(width)[None, :]) % 2 * 2.0 - 1.0  # zero spatial mean
+
+    class Off(Denoiser):  # the teacher plus a fixed error of size 0.1 at every element
+        def __init__(self, unet, error):
+            super().__init__(unet)
+            self.error = error
+
+        def __call__(self, x_t, t, condition):
+            return super().__call__(x_t, t, condition) + self.error
+
+    cast, texture = Off(teacher.unet, torch.full((channels, 1, 1), 0.1)), Off(teacher.unet, 0.1 * checker)
+    for weight in (0.0, 256.0):
+        for objective in (RetainReplay(scheduler, GlobalBatch(seed=5), mean_weight=weight),
+                          UnconditionalReplay(scheduler, GlobalBatch(seed=5), mean_weight=weight)):  # fmt: skip
+            # A colour cast (the same error everywhere) costs 1 + weight times what a texture of
+            # the same size whose spatial mean is zero costs; without the weight they cost alike.
+            assert objective(texture, teacher, z0, retain).item() == pytest.approx(0.01, rel=1e-4)
+            assert objective(cast, teacher, z0, retain).item() == pytest.approx(0.01 * (1 + weight), rel=1e-4)
+    with pytest.raises(ValueError, match="mean_weight"):
+        RetainReplay(scheduler, GlobalBatch(seed=5), mean_weight=-1.0)
+
+
 def test_guided_replay_follows_classifier_free_guidance(networks, tiny_pipeline_dir):
     teacher, encoder = networks
     scheduler_config = load_pipeline(tiny_pipeline_dir).scheduler.config

@@ -153,14 +153,15 @@ class DistillForgetModule(L.LightningModule):
         # (`batch`) alike on every rank, each rank keeping its slice (its rank is set at fit start).
         self.draw = GlobalBatch(cfg.seed + 1)  # + 1: a stream apart from the replay bank's
         # The losses hold no weights of their own; a zero lambda skips a loss and its network calls.
+        mean_weight = cfg.replay.mean_weight  # every replay's extra weight on its error's spatial mean
         self.objectives = torch.nn.ModuleDict(
             {
                 "forget": forget_objective(cfg, noise_scheduler, self.draw),
-                "retain": RetainReplay(noise_scheduler, self.draw, cfg.loss_scale),
-                "neighbor": NeighborPreservation(noise_scheduler, self.draw, cfg.loss_scale),
-                "forgotten": ForgottenReplay(noise_scheduler, self.draw, cfg.loss_scale),
-                "unconditional": UnconditionalReplay(noise_scheduler, self.draw),
-                "twin": TwinReplay(noise_scheduler, self.draw),
+                "retain": RetainReplay(noise_scheduler, self.draw, cfg.loss_scale, mean_weight),
+                "neighbor": NeighborPreservation(noise_scheduler, self.draw, cfg.loss_scale, mean_weight),
+                "forgotten": ForgottenReplay(noise_scheduler, self.draw, cfg.loss_scale, mean_weight),
+                "unconditional": UnconditionalReplay(noise_scheduler, self.draw, mean_weight),
+                "twin": TwinReplay(noise_scheduler, self.draw, mean_weight),
                 "reg": ParameterAnchor(),
                 "l1sp": StartingPointPenalty(1),
                 "l2sp": StartingPointPenalty(2),

@@ -68,6 +68,15 @@ def per_sample(difference: torch.Tensor) -> torch.Tensor:
     return difference.pow(2).flatten(1).mean(1)
 
 
+def per_sample_with_mean(difference: torch.Tensor, mean_weight: float) -> torch.Tensor:
+    """`per_sample`, plus `mean_weight` times the mean over channels of each channel's squared
+    spatial mean: (N, C, H, W) -> (N,). The spatial mean is the one part of an error that is
+    the same at every position; a sampler adds it up step after step into a colour cast."""
+    if not mean_weight:
+        return per_sample(difference)
+    return per_sample(difference) + mean_weight * difference.flatten(2).mean(2).pow(2).mean(1)
+
+
 LOSS_SCALES = ("mse", "relative")
 
 
@@ -142,11 +151,20 @@ class RetainReplay(DistillationLoss):
     `sg || eps(T, x_t, t, p_r) - eps(T, x_t, t, "") ||^2` — the part classifier-free guidance
     amplifies — so a change that guidance would magnify into a different shape costs as much
     at high noise as at low noise. (`rows` then needs the empty prompt's condition.)
+
+    `mean_weight` w > 0 (not published) adds `w * mean_c (mean_hw (eps_S - eps_T))^2` to each
+    sample's squared difference: the error's spatial mean per latent channel counts w times more
+    (w = H x W: as much as if it were summed over the positions). A shift common to every
+    prompt's prediction is cheap under the plain mean, and guided sampling multiplies it and adds
+    it up over the steps into a colour cast of every image.
     """
 
-    def __init__(self, noise_scheduler, draw: GlobalBatch, scale: str = "mse"):
+    def __init__(self, noise_scheduler, draw: GlobalBatch, scale: str = "mse", mean_weight: float = 0.0):
         super().__init__()
         self.noise_scheduler, self.draw, self.scale = noise_scheduler, draw, checked_scale(scale)
+        if mean_weight < 0:
+            raise ValueError(f"replay.mean_weight must be >= 0 (got {mean_weight})")
+        self.mean_weight = mean_weight
 
     def rows(self, z0, embeds, empty=None, teacher_embeds=None) -> Rows:
         """`teacher_embeds`: the teacher's prompts where they are not the student's (default: the same)."""
@@ -160,10 +178,10 @@ class RetainReplay(DistillationLoss):
 
     def loss(self, student_out, teacher_outs) -> torch.Tensor:
         if self.scale == "mse":
-            return F.mse_loss(student_out, teacher_outs[0])
+            return per_sample_with_mean(student_out - teacher_outs[0], self.mean_weight).mean()
         conditional, unconditional = teacher_outs
         signal = per_sample(conditional - unconditional).clamp_min(1e-12)
-        return (per_sample(student_out - conditional) / signal).mean()
+        return (per_sample_with_mean(student_out - conditional, self.mean_weight) / signal).mean()
 
 
 class NeighborPreservation(RetainReplay):
@@ -177,8 +195,8 @@ class SameLatentsReplay(RetainReplay):
     """Retain replay of other prompts at another loss's noisy latents and timesteps, one row each
     (a mean squared difference: these prompts have no conditional signal of their own to scale by)."""
 
-    def __init__(self, noise_scheduler, draw: GlobalBatch):
-        super().__init__(noise_scheduler, draw, "mse")
+    def __init__(self, noise_scheduler, draw: GlobalBatch, mean_weight: float = 0.0):
+        super().__init__(noise_scheduler, draw, "mse", mean_weight)
 
     def on_rows(self, rows: Rows, condition: Condition) -> Rows:
         """`condition` (one row per row of `rows`) read at the same x_t and t as `rows`."""
