@@ -750,6 +750,23 @@ def test_forgotten_replay_takes_retain_rows_so_every_request_trains_as_many_rows
         replay_rows(["dots"], "replay.forgotten_share=0.9")
 
 
+def test_change_scale_keeps_that_share_of_the_trained_change(tiny_pipeline_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    request = Request("dots", "style", prompts=["a ring in dots style", "dots style"])
+    changes = {}
+    for scale in (1.0, 0.5):
+        cfg = fast_cfg("steps=2", f"change_scale={scale}")
+        run_step(tiny_pipeline_dir, request, cfg, tmp_path / str(scale))
+        unet = UNet2DConditionModel.from_pretrained(tmp_path / str(scale) / "unet")
+        teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")
+        changes[scale] = torch.cat([(a - b).flatten() for a, b in zip(unet.parameters(), teacher.parameters())])
+    assert changes[1.0].abs().max() > 1e-6  # the same training both times; half its change kept
+    torch.testing.assert_close(changes[0.5], 0.5 * changes[1.0], atol=1e-7, rtol=1e-4)
+    with pytest.raises(ValueError, match="change_scale must be > 0"):
+        run_step(tiny_pipeline_dir, request, fast_cfg("steps=2", "change_scale=0"), tmp_path / "none")
+
+
 @pytest.mark.parametrize("replay_mode", ["bank", "per_step"])
 def test_short_run_step_writes_a_stock_pipeline_folder(tiny_pipeline_dir, tmp_path, replay_mode):
     from diffusers import StableDiffusionPipeline

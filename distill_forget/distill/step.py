@@ -233,6 +233,8 @@ def build_module(
     started = time.time()
     forgotten = [as_request(f, cfg.world) for f in (*forget_together, *forgotten_before)]
     cfg = request_settings(cfg, request, forgotten)
+    if not cfg.change_scale > 0:
+        raise ValueError(f"change_scale must be > 0 (got {cfg.change_scale}): the share of the trained change the step keeps")
     if forget_together:
         cfg = OmegaConf.merge(cfg, {"steps": cfg.steps * (len(forget_together) + 1)})
     if cfg.world == "minicanvas":
@@ -382,6 +384,17 @@ def peak_memory_mb() -> dict[str, float]:
     return peak
 
 
+@torch.no_grad()
+def scale_change(unet, teacher_unet, scale: float) -> None:
+    """`unet` moved to `teacher + scale (unet - teacher)`, in place: the step's change of every weight scaled."""
+    if scale == 1.0:
+        return
+    teacher = dict(teacher_unet.named_parameters())
+    for name, weight in unet.named_parameters():
+        start = teacher[name].to(weight.device, weight.dtype)
+        weight.copy_(start + scale * (weight - start))
+
+
 def save_student(unet, teacher_dir: Path, out_dir: Path, record: dict) -> None:
     """A complete stock pipeline folder: the student UNet, every other component copied."""
     index = json.loads((teacher_dir / "model_index.json").read_text())
@@ -467,6 +480,7 @@ def run_step(
     }
     unet = student_unet(trainer, module)
     if ranks.is_main:
+        scale_change(unet, module.teacher.unet, cfg.change_scale)
         save_student(unet, teacher_dir, out_dir, record)
         seconds = record["seconds"]["total"]
         print(f"[step] {request.concept!r} forgotten in {seconds:.0f} s; student pipeline in {out_dir}", flush=True)
