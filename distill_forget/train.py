@@ -262,13 +262,20 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         earlier = as_carried_out(folder.parent.parent, earlier)
     merging = cfg.merge.method != "none"  # the student is then one of the models merged into pipeline_dir
     student_dir = folder / "independent" if merging else pipeline_dir
-    step_record = run_step(
-        teacher_dir, request, cfg.step, student_dir, checkpoint_dir=folder / "checkpoints", base_dir=model_dir,
-        logger=report.logger if report is not None else None,
-        forgotten_before=earlier if cfg.setting == "sequential" else (),
-        forget_together=earlier if cfg.setting == "simultaneous" else (),
-        pending=[r.concept for r in requests[index:]] if cfg.setting == "sequential" else (),
-    )  # fmt: skip
+    step_record = trained_before(student_dir, request, teacher_dir)
+    if step_record is not None:  # killed after the student was saved (its checkpoints are gone), before its record
+        if ranks.is_main:
+            print(f"[{index}/{len(requests)}] {request.concept!r}: trained before the run stopped; its student is kept",
+                  flush=True)  # fmt: skip
+        t0 -= step_record["seconds"]["total"]  # the request's cost is the training that made it
+    else:
+        step_record = run_step(
+            teacher_dir, request, cfg.step, student_dir, checkpoint_dir=folder / "checkpoints", base_dir=model_dir,
+            logger=report.logger if report is not None else None,
+            forgotten_before=earlier if cfg.setting == "sequential" else (),
+            forget_together=earlier if cfg.setting == "simultaneous" else (),
+            pending=[r.concept for r in requests[index:]] if cfg.setting == "sequential" else (),
+        )  # fmt: skip
     if merging and ranks.is_main:
         students = [step_dir(folder.parent.parent, k, r.concept) / "independent" for k, r in enumerate(requests[:index], 1)]
         merged = merge_students(cfg.merge, Path(model_dir), students, pipeline_dir)
@@ -311,6 +318,21 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         shown = {k: result["metrics"][k] for k in ("ua", "ira", "cra", "nra", "quality")}
         print(f"[{index}/{len(requests)}] {request.concept!r} done in {seconds:.0f} s; metrics {shown}", flush=True)
     return record
+
+
+def trained_before(student_dir: Path, request, teacher_dir) -> dict | None:
+    """The step record of a student this request already trained from this teacher, else None.
+
+    A step's student folder is written whole or not at all (`save_student`), so one that holds
+    the record of this request and teacher is finished; a run killed while evaluating it goes on
+    from there instead of training the request again.
+    """
+    path = Path(student_dir) / RECORD_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    same_teacher = Path(record.get("teacher", "")).resolve() == Path(teacher_dir).resolve()
+    return record if same_teacher and record.get("request") == request.to_dict() else None
 
 
 def merge_students(merge_cfg, base_dir: Path, student_dirs: list[Path], out_dir: Path) -> dict:

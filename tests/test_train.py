@@ -99,6 +99,26 @@ def test_killed_between_requests_loses_no_step_and_tampering_is_refused(tiny_run
     assert "refusing to continue from step 1" in out and "01-dots" in out
 
 
+def test_killed_while_evaluating_a_trained_request_keeps_its_student(tiny_run):
+    run_dir, args = tiny_run
+    finish(args)
+    # The state a kill during request 2's evaluation leaves: its student saved whole (and its
+    # checkpoints removed), its ledger record not yet written.
+    ledger = run_dir / "ledger.jsonl"
+    first, second = ledger.read_text().splitlines()
+    ledger.write_text(first + "\n")
+    weights = run_dir / "steps" / "02-star" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    out = finish(args)
+    assert "'star': trained before the run stopped; its student is kept" in out
+    assert "planning the prompts" not in out  # nothing of the request is trained again
+    assert weights.stat().st_mtime_ns == written
+    records = Ledger(ledger).verify()
+    assert [r["request"]["concept"] for r in records] == ["dots", "star"]
+    assert records[1]["output_hash"] == json.loads(second)["output_hash"]
+    assert records[1]["seconds"] >= json.loads(second)["seconds"] * 0.5  # the training's cost, not the evaluation's alone
+
+
 def test_a_malformed_request_file_is_refused_before_any_work(tiny_run, tmp_path):
     run_dir, args = tiny_run
     bad = tmp_path / "bad.yaml"
