@@ -11,8 +11,9 @@ that concept's images are the base model's again (the rest staying the model's),
 its images moved, as the mean absolute pixel change (0-255) from the base model's, and the
 part of that change common to the whole image: the mean change of each colour channel (signed,
 0-255). A concept whose images carry the rise tops the list; a rise spread over every concept
-gives small drops all along; a colour cast shows as the same signed shift in every row. Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base
-model's grid that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
+gives small drops all along; a colour cast shows as the same signed shift in every row.
+Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base model's grid
+that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
 """
 
 import argparse
@@ -46,7 +47,8 @@ def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[di
         rows.append({"concept": concept, "drop": figure - restored, "pixel_change": change.abs().mean().item(),
                      "colour_shift": colour_shift(change), "images": int(mine.sum())})  # fmt: skip
     rows.sort(key=lambda row: row["drop"], reverse=True)
-    return {"model": figure, "base": distance(base), "colour_shift": colour_shift(model.float() - base.float()), "concepts": rows}
+    whole = colour_shift(model.float() - base.float())
+    return {"model": figure, "base": distance(base), "colour_shift": whole, "concepts": rows}
 
 
 def colour_shift(change: torch.Tensor) -> list[float]:
@@ -85,7 +87,8 @@ def main(argv=None) -> None:
     result = quality_by_concept(images["model"], images["base"], prompts, reference, load_judge(args.judge).eval())
     rise = quality_rise(result["model"], result["base"])
     print(f"quality: model {result['model']:.1f}, base {result['base']:.1f} ({rise:+.1f} %)")
-    print("mean colour change of every retained image (R G B, 0-255): " + " ".join(f"{v:+.1f}" for v in result["colour_shift"]))
+    shift = " ".join(f"{v:+.1f}" for v in result["colour_shift"])
+    print(f"mean colour change of every retained image (R G B, 0-255): {shift}")
     print(f"{'concept':<18} {'drop when put back':>18} {'pixel change':>12} {'colour change R G B':>21} {'images':>6}")
     for row in result["concepts"]:
         shift = " ".join(f"{v:+6.1f}" for v in row["colour_shift"])

@@ -263,11 +263,12 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
     merging = cfg.merge.method != "none"  # the student is then one of the models merged into pipeline_dir
     student_dir = folder / "independent" if merging else pipeline_dir
     step_record = trained_before(student_dir, request, teacher_dir)
+    trained_earlier = 0.0  # seconds an earlier, killed run of this request spent making the student kept
     if step_record is not None:  # killed after the student was saved (its checkpoints are gone), before its record
         if ranks.is_main:
             print(f"[{index}/{len(requests)}] {request.concept!r}: trained before the run stopped; its student is kept",
                   flush=True)  # fmt: skip
-        t0 -= step_record["seconds"]["total"]  # the request's cost is the training that made it
+        trained_earlier = step_record["seconds"]["total"]
     else:
         step_record = run_step(
             teacher_dir, request, cfg.step, student_dir, checkpoint_dir=folder / "checkpoints", base_dir=model_dir,
@@ -280,7 +281,7 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         students = [step_dir(folder.parent.parent, k, r.concept) / "independent" for k, r in enumerate(requests[:index], 1)]
         merged = merge_students(cfg.merge, Path(model_dir), students, pipeline_dir)
     ranks.barrier()
-    seconds = round(time.time() - t0, 1)  # the request's cost, evaluation excluded
+    seconds = round(time.time() - t0 + trained_earlier, 1)  # the request's cost, evaluation excluded
     if not ranks.is_main:  # the others only draw their share of the evaluation's images
         if cfg.evaluate_every_step:
             evaluate_step(pipeline_dir, judge, cfg, {"forgotten": [], "replayed": None}, folder, device, ranks=ranks)
