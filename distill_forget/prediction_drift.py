@@ -22,7 +22,7 @@ import torch
 
 from distill_forget.config import load_config
 from distill_forget.distill.networks import Denoiser, prompt_encoder
-from distill_forget.distill.objectives import per_sample
+from distill_forget.distill.objectives import per_sample, per_sample_spatial_mean
 from distill_forget.distill.replay import TeacherSampler
 from distill_forget.evaluate import retained_pairs
 from distill_forget.pipelines import load_pipeline
@@ -33,7 +33,7 @@ from distill_forget.world.model import training_scheduler
 def spatial_mean_share(difference: torch.Tensor) -> float:
     """The share of a difference's mean square (N, C, H, W) that is each channel's spatial mean."""
     whole = per_sample(difference).mean()
-    return float(difference.flatten(2).mean(2).pow(2).mean() / whole) if whole > 0 else 0.0
+    return float(per_sample_spatial_mean(difference).mean() / whole) if whole > 0 else 0.0
 
 
 @torch.no_grad()

@@ -68,13 +68,18 @@ def per_sample(difference: torch.Tensor) -> torch.Tensor:
     return difference.pow(2).flatten(1).mean(1)
 
 
+def per_sample_spatial_mean(difference: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of each channel's squared spatial mean: (N, C, H, W) -> (N,). The
+    spatial mean is the one part of an error that is the same at every position; a sampler adds
+    it up step after step into a colour cast."""
+    return difference.flatten(2).mean(2).pow(2).mean(1)
+
+
 def per_sample_with_mean(difference: torch.Tensor, mean_weight: float) -> torch.Tensor:
-    """`per_sample`, plus `mean_weight` times the mean over channels of each channel's squared
-    spatial mean: (N, C, H, W) -> (N,). The spatial mean is the one part of an error that is
-    the same at every position; a sampler adds it up step after step into a colour cast."""
+    """`per_sample`, plus `mean_weight` times `per_sample_spatial_mean`: (N, C, H, W) -> (N,)."""
     if not mean_weight:
         return per_sample(difference)
-    return per_sample(difference) + mean_weight * difference.flatten(2).mean(2).pow(2).mean(1)
+    return per_sample(difference) + mean_weight * per_sample_spatial_mean(difference)
 
 
 LOSS_SCALES = ("mse", "relative")

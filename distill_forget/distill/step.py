@@ -38,6 +38,7 @@ from distill_forget.distill.prompts import (
     world_concepts,
 )
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
+from distill_forget.merging import merge_states
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.requests import (
     Request,
@@ -384,15 +385,10 @@ def peak_memory_mb() -> dict[str, float]:
     return peak
 
 
-@torch.no_grad()
 def scale_change(unet, teacher_unet, scale: float) -> None:
-    """`unet` moved to `teacher + scale (unet - teacher)`, in place: the step's change of every weight scaled."""
-    if scale == 1.0:
-        return
-    teacher = dict(teacher_unet.named_parameters())
-    for name, weight in unet.named_parameters():
-        start = teacher[name].to(weight.device, weight.dtype)
-        weight.copy_(start + scale * (weight - start))
+    """`unet` moved to `teacher + scale (unet - teacher)`, in place: task arithmetic of the one student."""
+    if scale != 1.0:
+        unet.load_state_dict(merge_states(teacher_unet.state_dict(), [unet.state_dict()], "task_arithmetic", scale))
 
 
 def save_student(unet, teacher_dir: Path, out_dir: Path, record: dict) -> None:
