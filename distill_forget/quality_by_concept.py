@@ -11,7 +11,9 @@ that concept's images are the base model's again (the rest staying the model's),
 its images moved, as the mean absolute pixel change (0-255) from the base model's, and the
 part of that change common to the whole image: the mean change of each colour channel (signed,
 0-255). A concept whose images carry the rise tops the list; a rise spread over every concept
-gives small drops all along; a colour cast shows as the same signed shift in every row.
+gives small drops all along; a colour cast shows as the same signed shift in every row. How
+much of the rise the cast itself makes is the figure again with the mean colour change of all
+images taken out of each model image (`without the cast`).
 Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base model's grid
 that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
 """
@@ -48,7 +50,8 @@ def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[di
                      "colour_shift": colour_shift(change), "images": int(mine.sum())})  # fmt: skip
     rows.sort(key=lambda row: row["drop"], reverse=True)
     whole = colour_shift(model.float() - base.float())
-    return {"model": figure, "base": distance(base), "colour_shift": whole, "concepts": rows}
+    uncast = (model.float() - torch.tensor(whole)[None, :, None, None]).round().clamp(0, 255).to(torch.uint8)
+    return {"model": figure, "base": distance(base), "colour_shift": whole, "without_cast": distance(uncast), "concepts": rows}
 
 
 def colour_shift(change: torch.Tensor) -> list[float]:
@@ -89,6 +92,8 @@ def main(argv=None) -> None:
     print(f"quality: model {result['model']:.1f}, base {result['base']:.1f} ({rise:+.1f} %)")
     shift = " ".join(f"{v:+.1f}" for v in result["colour_shift"])
     print(f"mean colour change of every retained image (R G B, 0-255): {shift}")
+    uncast = quality_rise(result["without_cast"], result["base"])
+    print(f"quality without the cast (that change taken out of every model image): {result['without_cast']:.1f} ({uncast:+.1f} %)")
     print(f"{'concept':<18} {'drop when put back':>18} {'pixel change':>12} {'colour change R G B':>21} {'images':>6}")
     for row in result["concepts"]:
         shift = " ".join(f"{v:+6.1f}" for v in row["colour_shift"])

@@ -17,7 +17,7 @@ def test_the_concept_whose_images_changed_tops_the_list_and_a_copy_moves_nothing
     same = quality_by_concept(base.clone(), base, prompts, reference, judge)
     assert same["model"] == pytest.approx(same["base"], rel=1e-5)
     assert {row["concept"] for row in same["concepts"]} == set(concepts.OBJECTS[:4] + concepts.STYLES[:4])
-    assert same["colour_shift"] == [0.0, 0.0, 0.0]
+    assert same["colour_shift"] == [0.0, 0.0, 0.0] and same["without_cast"] == pytest.approx(same["base"], rel=1e-5)
     for row in same["concepts"]:
         assert row["images"] == 12 and row["pixel_change"] == 0.0 and row["colour_shift"] == [0.0, 0.0, 0.0]
         assert row["drop"] == pytest.approx(0.0, abs=1e-2)
@@ -36,18 +36,20 @@ def test_the_concept_whose_images_changed_tops_the_list_and_a_copy_moves_nothing
     assert untouched_style["pixel_change"] == 0.0 and abs(untouched_style["drop"]) < 0.5 * top["drop"]
 
 
-def test_a_colour_cast_of_every_image_shows_as_the_same_shift_in_every_row():
+def test_a_colour_cast_of_every_image_shows_as_the_same_shift_in_every_row_and_taking_it_out_undoes_its_rise():
     pairs = retained_pairs(concepts.OBJECTS[4:] + concepts.STYLES[4:], repeats=1)
     prompts = [{"object": o, "style": s} for o, s in pairs]
     base, reference = real_renders(pairs, seed=3), real_renders(pairs, seed=11)
     model = base.clone()
-    model[:, 0] = (base[:, 0].int() - 10).clamp(0, 255).to(torch.uint8)  # red down by 10 where it can go
+    model[:, 0] = (base[:, 0].int() - 40).clamp(0, 255).to(torch.uint8)  # red down by 40 where it can go
     expected = (model[:, 0].float() - base[:, 0].float()).mean().item()
     result = quality_by_concept(model, base, prompts, reference, load_judge(None).eval())
-    assert expected < -5
+    assert expected < -20
     assert result["colour_shift"] == pytest.approx([expected, 0.0, 0.0], abs=0.01)
     for row in result["concepts"]:
-        assert row["colour_shift"][0] < -4 and row["colour_shift"][1:] == [0.0, 0.0]
+        assert row["colour_shift"][0] < -15 and row["colour_shift"][1:] == [0.0, 0.0]
+    rise, left = result["model"] - result["base"], result["without_cast"] - result["base"]
+    assert rise > 1.0 and abs(left) < 0.5 * rise  # most of the rise was the cast
 
 
 def test_base_images_that_are_not_the_evaluation_grid_are_refused_before_any_drawing(tmp_path, tiny_pipeline_dir):
