@@ -51,7 +51,10 @@ def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[di
     rows.sort(key=lambda row: row["drop"], reverse=True)
     whole = colour_shift(model.float() - base.float())
     uncast = (model.float() - torch.tensor(whole)[None, :, None, None]).round().clamp(0, 255).to(torch.uint8)
-    return {"model": figure, "base": distance(base), "colour_shift": whole, "without_cast": distance(uncast), "concepts": rows}
+    return {
+        "model": figure, "base": distance(base), "colour_shift": whole, "without_cast": distance(uncast),
+        "concepts": rows,
+    }  # fmt: skip
 
 
 def colour_shift(change: torch.Tensor) -> list[float]:
@@ -92,8 +95,9 @@ def main(argv=None) -> None:
     print(f"quality: model {result['model']:.1f}, base {result['base']:.1f} ({rise:+.1f} %)")
     shift = " ".join(f"{v:+.1f}" for v in result["colour_shift"])
     print(f"mean colour change of every retained image (R G B, 0-255): {shift}")
-    uncast = quality_rise(result["without_cast"], result["base"])
-    print(f"quality without the cast (that change taken out of every model image): {result['without_cast']:.1f} ({uncast:+.1f} %)")
+    uncast = result["without_cast"]
+    print(f"quality without the cast (that change taken out of every model image): "
+          f"{uncast:.1f} ({quality_rise(uncast, result['base']):+.1f} %)")  # fmt: skip
     print(f"{'concept':<18} {'drop when put back':>18} {'pixel change':>12} {'colour change R G B':>21} {'images':>6}")
     for row in result["concepts"]:
         shift = " ".join(f"{v:+6.1f}" for v in row["colour_shift"])

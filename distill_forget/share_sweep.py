@@ -25,6 +25,11 @@ from distill_forget.metrics import quality_rise, relative_to_base
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.train import base_metrics_for, evaluation_for, load_base
 
+COLUMNS = (  # (row key, title, width) of the printed table
+    ("ua", "UA", 6), ("ira_rel", "IRA %", 6), ("cra_rel", "CRA %", 6), ("nra_rel", "NRA %", 6),
+    ("quality", "quality", 8), ("quality_vs_base", "vs base %", 9), ("forget_rate", "step concept forgotten %", 24),
+)  # fmt: skip
+
 
 def step_models(run_dir: Path, records: list[dict], step: str) -> tuple[int, Path, Path]:
     """(index, teacher folder, student folder) of the step named `step` (NN-concept)."""
@@ -76,11 +81,13 @@ def sweep(run_dir: Path, step: str, shares: list[float]) -> list[dict]:
         pipe.unet.load_state_dict(weights)
         print(f"share {share}: evaluating ...", flush=True)
         result, _ = evaluate_pipeline(pipe, judge, cfg.evaluate, sets["forgotten"], None, sets["replayed"])
-        base_metrics = base_metrics_for(run_dir, base, judge, cfg, sets, result["neighbors"])
         metrics = result["metrics"]
-        rows.append({"share": share, "ua": metrics["ua"], **relative_to_base(metrics, base_metrics),
-                     "quality": metrics["quality"], "quality_vs_base": quality_rise(metrics["quality"], base_metrics["quality"]),
-                     "forget_rate": result["per_concept"][sets["forgotten"][-1]]["rate"]})  # fmt: skip
+        base_metrics = base_metrics_for(run_dir, base, judge, cfg, sets, result["neighbors"])
+        rows.append({
+            "share": share, "ua": metrics["ua"], **relative_to_base(metrics, base_metrics),
+            "quality": metrics["quality"], "quality_vs_base": quality_rise(metrics["quality"], base_metrics["quality"]),
+            "forget_rate": result["per_concept"][sets["forgotten"][-1]]["rate"],  # the step's own concept
+        })  # fmt: skip
     return rows
 
 
@@ -94,11 +101,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"--shares must lie in [0, 1] (got {args.shares})")
     torch.set_num_threads(run_config(args.run).threads)
     rows = sweep(args.run, args.step, args.shares)
-    print(f"{'share':>5} {'UA':>6} {'IRA %':>6} {'CRA %':>6} {'NRA %':>6} {'quality':>8} {'vs base %':>9} {'step concept forgotten %':>24}")
-    keys, widths = ("ua", "ira_rel", "cra_rel", "nra_rel", "quality", "quality_vs_base", "forget_rate"), (6, 6, 6, 6, 8, 9, 24)
-    for r in rows:
-        cells = [f"{'-' if r.get(k) is None else round(r[k], 1):>{w}}" for k, w in zip(keys, widths)]
-        print(f"{r['share']:>5} {' '.join(cells)}")
+    print(f"{'share':>5} " + " ".join(f"{title:>{width}}" for _, title, width in COLUMNS))
+    for row in rows:
+        cells = [f"{'-' if row.get(key) is None else round(row[key], 1):>{width}}" for key, _, width in COLUMNS]
+        print(f"{row['share']:>5} " + " ".join(cells))
 
 
 if __name__ == "__main__":

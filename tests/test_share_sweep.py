@@ -10,7 +10,7 @@ from distill_forget.ledger import Ledger
 from distill_forget.share_sweep import main, sweep
 
 
-def test_share_zero_is_the_teacher_and_share_one_the_step_as_the_loop_evaluated_it(tiny_pipeline_dir, random_judge, tmp_path):
+def test_share_zero_is_the_teacher_and_share_one_the_saved_step(tiny_pipeline_dir, random_judge, tmp_path):
     requests = tmp_path / "requests.yaml"
     requests.write_text("requests:\n  - {concept: dots, kind: style}\n")
     run_dir = tmp_path / "run"
@@ -25,7 +25,8 @@ def test_share_zero_is_the_teacher_and_share_one_the_step_as_the_loop_evaluated_
     # share 0 is the base model itself here (the first step's teacher): the same images as the base evaluation
     assert teacher["ira_rel"] == teacher["cra_rel"] == 100.0 and teacher["quality_vs_base"] == 0.0
     # share 1 is the saved student: the figures the loop recorded for it
-    assert step["ua"] == record["metrics"]["ua"] and step["quality"] == pytest.approx(record["metrics"]["quality"], abs=1e-4)
+    assert step["ua"] == record["metrics"]["ua"]
+    assert step["quality"] == pytest.approx(record["metrics"]["quality"], abs=1e-4)
     assert step["ira_rel"] == pytest.approx(100.0 * record["metrics"]["ira"] / record["base_metrics"]["ira"], abs=0.01)
 
     with pytest.raises(SystemExit, match="has no finished step '02-star' \\(it has: 01-dots\\)"):
