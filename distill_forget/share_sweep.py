@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from distill_forget.config import resolve_model_dir
 from distill_forget.evaluate import evaluate_pipeline, load_judge
 from distill_forget.ledger import Ledger, LedgerError, checkpoint_folder
-from distill_forget.merging import merge_states
+from distill_forget.merging import merge_states, unet_state
 from distill_forget.metrics import quality_rise, relative_to_base
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.train import base_metrics_for, evaluation_for, load_base
@@ -69,7 +69,7 @@ def sweep(run_dir: Path, step: str, shares: list[float]) -> list[dict]:
     device = pick_device(cfg.evaluate.device)
     pipe = load_pipeline(student_dir, device)
     student = {k: v.clone() for k, v in pipe.unet.state_dict().items()}  # pipe.unet is overwritten below
-    teacher = {k: v.to(device) for k, v in load_pipeline(teacher_dir).unet.state_dict().items()}
+    teacher = {k: v.to(device) for k, v in unet_state(teacher_dir).items()}  # its UNet alone, not a pipeline
     rows = []
     for share in shares:
         if share == 1:  # the step's own weights, bit for bit
