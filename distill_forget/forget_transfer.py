@@ -21,40 +21,39 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import load_config
-from distill_forget.distill.networks import Denoiser, prompt_encoder
 from distill_forget.distill.objectives import per_sample
 from distill_forget.distill.prompts import other_kind, replace_concept, world_concepts
-from distill_forget.distill.replay import TeacherSampler
-from distill_forget.pipelines import load_pipeline
+from distill_forget.step_probe import StepProbe
 from distill_forget.world import concepts
-from distill_forget.world.model import training_scheduler
 
 
 def sentence_forms(concept: str) -> dict[str, list[str]]:
     """{form name: the concept in that form with each concept of the other kind}."""
     kind = concepts.kind_of(concept)
-    forms = {"evaluation": concepts.EVAL_TEMPLATE, **{f"paraphrase {i + 1}": t for i, t in enumerate(concepts.PARAPHRASE_TEMPLATES)}}
-    fill = (lambda t, c: t.format(object=concept, style=c)) if kind == "object" else (lambda t, c: t.format(object=c, style=concept))
+    forms = {
+        "evaluation": concepts.EVAL_TEMPLATE,
+        **{f"paraphrase {i + 1}": t for i, t in enumerate(concepts.PARAPHRASE_TEMPLATES)},
+    }
+    fill = (
+        (lambda t, c: t.format(object=concept, style=c))
+        if kind == "object"
+        else (lambda t, c: t.format(object=c, style=concept))
+    )
     return {name: [fill(template, c) for c in world_concepts(other_kind(kind))] for name, template in forms.items()}
 
 
 @torch.no_grad()
 def share_left(teacher_dir, student_dir, concept: str, target: str, timesteps, sampling_steps=20, guidance=6.0, seed=0):
     """{form name: [share of the way left at each timestep]}."""
-    teacher_pipe, student_pipe = load_pipeline(teacher_dir), load_pipeline(student_dir)
-    encoder = prompt_encoder(teacher_pipe)
-    teacher, student = Denoiser(teacher_pipe.unet), Denoiser(student_pipe.unet)
-    sampler = TeacherSampler(teacher, teacher_pipe.scheduler.config, sampling_steps, 64, guidance, encoder([""]))
-    noise_scheduler = training_scheduler()
+    probe = StepProbe(teacher_dir, student_dir, sampling_steps, guidance)
+    teacher, student = probe.teacher, probe.student
     table = {}
     for name, prompts in sentence_forms(concept).items():
-        forget, mapped = encoder(prompts), encoder([replace_concept(p, concept, target) for p in prompts])
-        z0 = sampler.sample(forget, torch.Generator().manual_seed(seed))
+        forget, mapped = probe.encode(prompts), probe.encode([replace_concept(p, concept, target) for p in prompts])
+        z0 = probe.sample(forget, seed)
         row = []
         for t in timesteps:
-            t_batch = torch.full((len(prompts),), int(t))
-            noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 1 + int(t)))
-            x_t = noise_scheduler.add_noise(z0, noise, t_batch)
+            x_t, t_batch = probe.noised(z0, t, seed)
             toward = teacher(x_t, t_batch, mapped)
             left = per_sample(student(x_t, t_batch, forget) - toward)
             whole = per_sample(teacher(x_t, t_batch, forget) - toward).clamp_min(1e-12)
@@ -73,7 +72,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
-    table = share_left(args.teacher, args.student, args.concept, args.target, args.timesteps, cfg.sampling_steps, cfg.guidance_scale)
+    table = share_left(
+        args.teacher, args.student, args.concept, args.target, args.timesteps, cfg.sampling_steps, cfg.guidance_scale
+    )
     width = max(map(len, table))
     print(f"{'share of the way left':<{width}}  " + "  ".join(f"t={t:<4}" for t in args.timesteps))
     for name, row in table.items():

@@ -21,13 +21,10 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import load_config
-from distill_forget.distill.networks import Denoiser, prompt_encoder
 from distill_forget.distill.objectives import per_sample, per_sample_spatial_mean
-from distill_forget.distill.replay import TeacherSampler
 from distill_forget.evaluate import retained_pairs
-from distill_forget.pipelines import load_pipeline
+from distill_forget.step_probe import StepProbe
 from distill_forget.world import concepts
-from distill_forget.world.model import training_scheduler
 
 
 def spatial_mean_share(difference: torch.Tensor) -> float:
@@ -41,20 +38,14 @@ def prediction_drift(teacher_dir, student_dir, prompts: list[str], timesteps, sa
     """One row per timestep: the student - teacher difference of the conditional, empty-prompt and
     guided predictions on `prompts` (mean square, share that is the spatial mean), and the guided
     difference's spatial mean per latent channel."""
-    teacher_pipe, student_pipe = load_pipeline(teacher_dir), load_pipeline(student_dir)
-    encoder = prompt_encoder(teacher_pipe)
-    teacher, student = Denoiser(teacher_pipe.unet), Denoiser(student_pipe.unet)
-    condition, empty = encoder(prompts), encoder([""] * len(prompts))
-    sampler = TeacherSampler(teacher, teacher_pipe.scheduler.config, sampling_steps, 64, guidance, encoder([""]))
-    z0 = sampler.sample(condition, torch.Generator().manual_seed(seed))
-    noise_scheduler = training_scheduler()
+    probe = StepProbe(teacher_dir, student_dir, sampling_steps, guidance)
+    condition, empty = probe.encode(prompts), probe.encode([""] * len(prompts))
+    z0 = probe.sample(condition, seed)
     rows = []
     for t in timesteps:
-        t_batch = torch.full((len(prompts),), int(t))
-        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 1 + int(t)))
-        x_t = noise_scheduler.add_noise(z0, noise, t_batch)
+        x_t, t_batch = probe.noised(z0, t, seed)
         outputs = {}
-        for name, network in (("teacher", teacher), ("student", student)):
+        for name, network in (("teacher", probe.teacher), ("student", probe.student)):
             c, u = network(x_t, t_batch, condition), network(x_t, t_batch, empty)
             outputs[name] = {"conditional": c, "empty": u, "guided": u + guidance * (c - u)}
         row = {"t": int(t)}
