@@ -13,7 +13,11 @@ part of that change common to the whole image: the mean change of each colour ch
 0-255). A concept whose images carry the rise tops the list; a rise spread over every concept
 gives small drops all along; a colour cast shows as the same signed shift in every row. How
 much of the rise the cast itself makes is the figure again with the mean colour change of all
-images taken out of each model image (`without the cast`).
+images taken out of each model image (`without the cast`). The figure is also split into its two
+terms, for the model and for the base model: `mean`, how far the images' features sit from the
+renders' on average, and `spread`, how differently they spread; with the spread itself (the
+trace of the features' covariance: the images' variety in the judge's eyes), so a rise made by
+images that all moved one way shows apart from one made by images that became alike.
 Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base model's grid
 that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
 """
@@ -24,13 +28,24 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import MINICANVAS_DIR, load_config
-from distill_forget.evaluate import frechet_distance_to, generate, grid_prompts, load_judge, real_renders, retained_pairs, retained_rows
+from distill_forget.evaluate import (
+    frechet_distance_to,
+    generate,
+    grid_prompts,
+    load_judge,
+    real_renders,
+    retained_pairs,
+    retained_rows,
+)
 from distill_forget.metrics import quality_rise
 from distill_forget.pipelines import load_pipeline
 from distill_forget.storage import torch_load
+from distill_forget.world.judge import JudgeFeatures
 
 
-def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[dict], reference: torch.Tensor, judge) -> dict:
+def quality_by_concept(
+    model: torch.Tensor, base: torch.Tensor, prompts: list[dict], reference: torch.Tensor, judge
+) -> dict:
     """The quality figure of `model` and `base` (uint8 images, row for row the same prompt and
     seed) against `reference`, and per concept of `prompts`: the figure with that concept's
     images taken from `base`, its drop from the model's, the mean pixel change of its images and
@@ -38,7 +53,9 @@ def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[di
     """
     distance = frechet_distance_to(judge, reference)  # the reference's features once, not once per concept
     if distance is None:
-        raise ValueError("quality_by_concept needs a judge with a feature space (`features`), as the quality figure does")
+        raise ValueError(
+            "quality_by_concept needs a judge with a feature space (`features`), as the quality figure does"
+        )
     figure = distance(model)
     rows = []
     for concept in sorted({p[domain] for p in prompts for domain in ("object", "style")}):
@@ -53,7 +70,25 @@ def quality_by_concept(model: torch.Tensor, base: torch.Tensor, prompts: list[di
     uncast = (model.float() - torch.tensor(whole)[None, :, None, None]).round().clamp(0, 255).to(torch.uint8)
     return {
         "model": figure, "base": distance(base), "colour_shift": whole, "without_cast": distance(uncast),
-        "concepts": rows,
+        "concepts": rows, "terms": {"model": frechet_terms(judge, model, reference),
+                                    "base": frechet_terms(judge, base, reference)},
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def frechet_terms(judge, images: torch.Tensor, reference: torch.Tensor) -> dict:
+    """The Frechet distance of `images` to `reference` in the judge's feature space, as its two
+    terms (they add up to the quality figure): `mean`, ||m - m_ref||^2, how far the features sit
+    from the reference's on average; `spread`, Tr(S + S_ref - 2 (S S_ref)^1/2), how differently
+    they spread; and `trace`, Tr(S), the images' own spread, and `reference_trace`, Tr(S_ref)."""
+    features = JudgeFeatures(judge)
+    mine, theirs = features(images).double(), features(reference).double()
+    cov, cov_ref = torch.cov(mine.T), torch.cov(theirs.T)
+    root_trace = torch.linalg.eigvals(cov @ cov_ref).sqrt().real.sum()  # Tr (S S_ref)^1/2, as torchmetrics takes it
+    return {
+        "mean": float((mine.mean(0) - theirs.mean(0)).square().sum()),
+        "spread": float(cov.trace() + cov_ref.trace() - 2 * root_trace),
+        "trace": float(cov.trace()), "reference_trace": float(cov_ref.trace()),
     }  # fmt: skip
 
 
@@ -66,9 +101,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="the pipeline folder to check (a step's pipeline/)")
     parser.add_argument("--base", type=Path, default=MINICANVAS_DIR / "pipeline", help="default: the shipped model")
-    parser.add_argument("--base-images", type=Path, default=None,
-                        help="RUN/base/images.pt: the base model's grid a run kept (evaluation seeds), instead of --base")
-    parser.add_argument("--forgotten", nargs="*", default=[], help="concepts whose pairs are left out, as the loop does")
+    parser.add_argument(
+        "--base-images",
+        type=Path,
+        default=None,
+        help="RUN/base/images.pt: the base model's grid a run kept (evaluation seeds), instead of --base",
+    )
+    parser.add_argument(
+        "--forgotten", nargs="*", default=[], help="concepts whose pairs are left out, as the loop does"
+    )
     parser.add_argument("--judge", default=None, help="default: the shipped MiniCanvas judge")
     args = parser.parse_args(argv)
     cfg = load_config("evaluate", [])
@@ -82,8 +123,10 @@ def main(argv=None) -> None:
     if args.base_images is not None:
         grid = torch_load(args.base_images, "base model images")
         if len(grid) != len(items):
-            raise SystemExit(f"{args.base_images} holds {len(grid)} images, not the {len(items)} of the evaluation grid "
-                             "(configs/evaluate.yaml's seeds): pass --base FOLDER instead")
+            raise SystemExit(
+                f"{args.base_images} holds {len(grid)} images, not the {len(items)} of the evaluation grid "
+                "(configs/evaluate.yaml's seeds): pass --base FOLDER instead"
+            )
         images["base"] = grid[keep]
         del folders["base"]
     for name, folder in folders.items():
@@ -98,6 +141,12 @@ def main(argv=None) -> None:
     uncast = result["without_cast"]
     print(f"quality without the cast (that change taken out of every model image): "
           f"{uncast:.1f} ({quality_rise(uncast, result['base']):+.1f} %)")  # fmt: skip
+    print(
+        "the figure's two terms, mean + spread, and the features' spread Tr S "
+        f"(real renders: {result['terms']['base']['reference_trace']:.0f}):"
+    )
+    for name, terms in result["terms"].items():
+        print(f"  {name:<5} {terms['mean']:7.1f} + {terms['spread']:7.1f}   Tr S {terms['trace']:7.0f}")
     print(f"{'concept':<18} {'drop when put back':>18} {'pixel change':>12} {'colour change R G B':>21} {'images':>6}")
     for row in result["concepts"]:
         shift = " ".join(f"{v:+6.1f}" for v in row["colour_shift"])

@@ -25,13 +25,18 @@ def test_the_concept_whose_images_changed_tops_the_list_and_a_copy_moves_nothing
     changed = concepts.STYLES[1]
     model = base.clone()
     mine = torch.tensor([p["style"] == changed for p in prompts])
-    model[mine] = torch.randint(0, 256, model[mine].shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    model[mine] = torch.randint(
+        0, 256, model[mine].shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     result = quality_by_concept(model, base, prompts, reference, judge)
     assert result["model"] > result["base"] + 1.0
     top = result["concepts"][0]
     assert top["concept"] == changed
     assert top["drop"] == pytest.approx(result["model"] - result["base"], rel=1e-4)  # all of the rise: base again
     assert top["pixel_change"] > 50
+    for name in ("model", "base"):  # the two terms add up to the figure (torchmetrics' Frechet distance)
+        terms = result["terms"][name]
+        assert terms["mean"] + terms["spread"] == pytest.approx(result[name], rel=1e-3)
     untouched_style = next(row for row in result["concepts"] if row["concept"] == concepts.STYLES[2])
     assert untouched_style["pixel_change"] == 0.0 and abs(untouched_style["drop"]) < 0.5 * top["drop"]
 
@@ -50,6 +55,21 @@ def test_a_colour_cast_of_every_image_shows_as_the_same_shift_in_every_row_and_t
         assert row["colour_shift"][0] < -15 and row["colour_shift"][1:] == [0.0, 0.0]
     rise, left = result["model"] - result["base"], result["without_cast"] - result["base"]
     assert rise > 1.0 and abs(left) < 0.5 * rise  # most of the rise was the cast
+
+
+def test_images_that_became_alike_show_in_the_spread_term_and_images_that_moved_alike_in_the_mean_term():
+    from distill_forget.quality_by_concept import frechet_terms
+
+    pairs = retained_pairs(concepts.OBJECTS[4:] + concepts.STYLES[4:], repeats=3)
+    base, reference = real_renders(pairs, seed=3), real_renders(pairs, seed=11)
+    judge = load_judge(None).eval()
+    before = frechet_terms(judge, base, reference)
+    alike = frechet_terms(judge, base[:1].expand_as(base).clone(), reference)  # one image, over and over
+    assert before["trace"] > 0 and alike["trace"] == pytest.approx(0.0, abs=1e-6)
+    assert alike["spread"] == pytest.approx(alike["reference_trace"], rel=1e-4)  # Tr(0 + S_ref - 0)
+    assert alike["spread"] > before["spread"]
+    darker = frechet_terms(judge, (base.int() // 2).to(torch.uint8), reference)  # every image moved the same way
+    assert darker["mean"] > before["mean"]
 
 
 def test_base_images_that_are_not_the_evaluation_grid_are_refused_before_any_drawing(tmp_path, tiny_pipeline_dir):
