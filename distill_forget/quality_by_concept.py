@@ -17,7 +17,8 @@ images taken out of each model image (`without the cast`). The figure is also sp
 terms, for the model and for the base model: `mean`, how far the images' features sit from the
 renders' on average, and `spread`, how differently they spread; with the spread itself (the
 trace of the features' covariance: the images' variety in the judge's eyes), so a rise made by
-images that all moved one way shows apart from one made by images that became alike.
+images that all moved one way shows apart from one made by images that became alike. Last, the
+sharpness and contrast of the model's, the base model's and the renders' images.
 Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base model's grid
 that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
 """
@@ -72,7 +73,18 @@ def quality_by_concept(
         "model": figure, "base": distance(base), "colour_shift": whole, "without_cast": distance(uncast),
         "concepts": rows, "terms": {"model": frechet_terms(judge, model, reference),
                                     "base": frechet_terms(judge, base, reference)},
+        "detail": {"model": detail(model), "base": detail(base), "renders": detail(reference)},
     }  # fmt: skip
+
+
+def detail(images: torch.Tensor) -> dict:
+    """How sharp and how contrasted uint8 images (N, C, H, W) are, on the 0-255 scale: `sharpness`,
+    the mean absolute 4-neighbour Laplacian (fine detail and edges); `contrast`, the mean over
+    images and channels of the pixels' standard deviation."""
+    x = images.float()
+    centre = x[..., 1:-1, 1:-1]
+    around = x[..., :-2, 1:-1] + x[..., 2:, 1:-1] + x[..., 1:-1, :-2] + x[..., 1:-1, 2:]
+    return {"sharpness": float((4 * centre - around).abs().mean()), "contrast": float(x.std((2, 3)).mean())}
 
 
 @torch.no_grad()
@@ -147,6 +159,9 @@ def main(argv=None) -> None:
     )
     for name, terms in result["terms"].items():
         print(f"  {name:<5} {terms['mean']:7.1f} + {terms['spread']:7.1f}   Tr S {terms['trace']:7.0f}")
+    print("sharpness (mean |Laplacian|) and contrast (pixel standard deviation), 0-255:")
+    for name, measured in result["detail"].items():
+        print(f"  {name:<7} {measured['sharpness']:5.1f}  {measured['contrast']:5.1f}")
     print(f"{'concept':<18} {'drop when put back':>18} {'pixel change':>12} {'colour change R G B':>21} {'images':>6}")
     for row in result["concepts"]:
         shift = " ".join(f"{v:+6.1f}" for v in row["colour_shift"])

@@ -72,6 +72,18 @@ def test_images_that_became_alike_show_in_the_spread_term_and_images_that_moved_
     assert darker["mean"] > before["mean"]
 
 
+def test_blurred_images_are_less_sharp_and_a_copy_is_as_sharp():
+    from distill_forget.quality_by_concept import detail
+
+    images = real_renders(retained_pairs(concepts.OBJECTS[4:] + concepts.STYLES[4:], repeats=1), seed=3)
+    blurred = torch.nn.functional.avg_pool2d(images.float(), 3, stride=1, padding=1, count_include_pad=False)
+    sharp, soft = detail(images), detail(blurred.round().to(torch.uint8))
+    assert detail(images.clone()) == sharp and sharp["sharpness"] > 10
+    assert soft["sharpness"] < 0.7 * sharp["sharpness"] and soft["contrast"] < sharp["contrast"]
+    flat = detail(torch.full_like(images, 128))
+    assert flat == {"sharpness": 0.0, "contrast": 0.0}
+
+
 def test_base_images_that_are_not_the_evaluation_grid_are_refused_before_any_drawing(tmp_path, tiny_pipeline_dir):
     from distill_forget.config import load_config
     from distill_forget.evaluate import grid_prompts
