@@ -44,13 +44,16 @@ from distill_forget.storage import torch_load
 from distill_forget.world.judge import JudgeFeatures
 
 
+@torch.no_grad()
 def quality_by_concept(
     model: torch.Tensor, base: torch.Tensor, prompts: list[dict], reference: torch.Tensor, judge
 ) -> dict:
     """The quality figure of `model` and `base` (uint8 images, row for row the same prompt and
     seed) against `reference`, and per concept of `prompts`: the figure with that concept's
     images taken from `base`, its drop from the model's, the mean pixel change of its images and
-    their mean change per colour channel (`colour_shift`, R G B); `colour_shift` over all images too.
+    their mean change per colour channel (`colour_shift`, R G B); `colour_shift` over all images too,
+    the figure without it (`without_cast`), the figure's two terms for both (`terms`) and the
+    sharpness and contrast of both and of the reference (`detail`).
     """
     distance = frechet_distance_to(judge, reference)  # the reference's features once, not once per concept
     if distance is None:
@@ -58,6 +61,8 @@ def quality_by_concept(
             "quality_by_concept needs a judge with a feature space (`features`), as the quality figure does"
         )
     figure = distance(model)
+    features = JudgeFeatures(judge)
+    renders = features(reference)
     rows = []
     for concept in sorted({p[domain] for p in prompts for domain in ("object", "style")}):
         mine = torch.tensor([concept in (p["object"], p["style"]) for p in prompts])
@@ -71,8 +76,8 @@ def quality_by_concept(
     uncast = (model.float() - torch.tensor(whole)[None, :, None, None]).round().clamp(0, 255).to(torch.uint8)
     return {
         "model": figure, "base": distance(base), "colour_shift": whole, "without_cast": distance(uncast),
-        "concepts": rows, "terms": {"model": frechet_terms(judge, model, reference),
-                                    "base": frechet_terms(judge, base, reference)},
+        "concepts": rows, "terms": {"model": frechet_terms(features(model), renders),
+                                    "base": frechet_terms(features(base), renders)},
         "detail": {"model": detail(model), "base": detail(base), "renders": detail(reference)},
     }  # fmt: skip
 
@@ -87,14 +92,12 @@ def detail(images: torch.Tensor) -> dict:
     return {"sharpness": float((4 * centre - around).abs().mean()), "contrast": float(x.std((2, 3)).mean())}
 
 
-@torch.no_grad()
-def frechet_terms(judge, images: torch.Tensor, reference: torch.Tensor) -> dict:
-    """The Frechet distance of `images` to `reference` in the judge's feature space, as its two
-    terms (they add up to the quality figure): `mean`, ||m - m_ref||^2, how far the features sit
-    from the reference's on average; `spread`, Tr(S + S_ref - 2 (S S_ref)^1/2), how differently
-    they spread; and `trace`, Tr(S), the images' own spread, and `reference_trace`, Tr(S_ref)."""
-    features = JudgeFeatures(judge)
-    mine, theirs = features(images).double(), features(reference).double()
+def frechet_terms(features: torch.Tensor, reference: torch.Tensor) -> dict:
+    """The Frechet distance between two sets of feature vectors (N, D), as its two terms (they add
+    up to it; in the judge's feature space, to the quality figure): `mean`, ||m - m_ref||^2, how
+    far the features sit from the reference's on average; `spread`, Tr(S + S_ref - 2 (S S_ref)^1/2),
+    how differently they spread; and `trace`, Tr(S), their own spread, and `reference_trace`."""
+    mine, theirs = features.double(), reference.double()
     cov, cov_ref = torch.cov(mine.T), torch.cov(theirs.T)
     root_trace = torch.linalg.eigvals(cov @ cov_ref).sqrt().real.sum()  # Tr (S S_ref)^1/2, as torchmetrics takes it
     return {

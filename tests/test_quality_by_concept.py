@@ -59,16 +59,18 @@ def test_a_colour_cast_of_every_image_shows_as_the_same_shift_in_every_row_and_t
 
 def test_images_that_became_alike_show_in_the_spread_term_and_images_that_moved_alike_in_the_mean_term():
     from distill_forget.quality_by_concept import frechet_terms
+    from distill_forget.world.judge import JudgeFeatures
 
     pairs = retained_pairs(concepts.OBJECTS[4:] + concepts.STYLES[4:], repeats=3)
     base, reference = real_renders(pairs, seed=3), real_renders(pairs, seed=11)
-    judge = load_judge(None).eval()
-    before = frechet_terms(judge, base, reference)
-    alike = frechet_terms(judge, base[:1].expand_as(base).clone(), reference)  # one image, over and over
+    features = JudgeFeatures(load_judge(None).eval())
+    renders = features(reference)
+    before = frechet_terms(features(base), renders)
+    alike = frechet_terms(features(base[:1].expand_as(base).clone()), renders)  # one image, over and over
     assert before["trace"] > 0 and alike["trace"] == pytest.approx(0.0, abs=1e-6)
     assert alike["spread"] == pytest.approx(alike["reference_trace"], rel=1e-4)  # Tr(0 + S_ref - 0)
     assert alike["spread"] > before["spread"]
-    darker = frechet_terms(judge, (base.int() // 2).to(torch.uint8), reference)  # every image moved the same way
+    darker = frechet_terms(features((base.int() // 2).to(torch.uint8)), renders)  # every image moved the same way
     assert darker["mean"] > before["mean"]
 
 
