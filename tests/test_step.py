@@ -609,6 +609,29 @@ def test_the_empty_prompt_is_replayed_on_the_retain_rows(tiny_pipeline_dir):
     assert "unconditional" not in losses("lambda_r=0")[1]  # the baselines' "no replay"
 
 
+def test_loss_scale_can_make_the_replays_relative_and_leave_the_forget_mapping_mse(tiny_pipeline_dir):
+    def losses(scale):
+        request = Request("circle", "object", neighbors=["ring"])
+        module, _ = build_module(tiny_pipeline_dir, request, fast_cfg(f"loss_scale={scale}"))
+        module.setup("fit")
+        module.on_fit_start()
+        with torch.no_grad():  # a student that differs from the teacher
+            next(p for n, p in module.unet.named_parameters() if ".attn2.to_v." in n).add_(0.05)
+        return {name: loss.item() for name, loss in module.losses().items()}
+
+    mse, relative = losses("mse"), losses("relative")
+    replays_relative, forget_relative = losses("relative_replays"), losses("relative_forget")
+    for name in ("forget", "retain", "neighbor"):
+        assert relative[name] != pytest.approx(mse[name], rel=1e-2), name  # the two scales differ on every loss
+    assert replays_relative["forget"] == pytest.approx(mse["forget"], rel=1e-4)
+    assert forget_relative["forget"] == pytest.approx(relative["forget"], rel=1e-4)
+    for name in ("retain", "neighbor"):
+        assert replays_relative[name] == pytest.approx(relative[name], rel=1e-4), name
+        assert forget_relative[name] == pytest.approx(mse[name], rel=1e-4), name
+    with pytest.raises(ValueError, match="loss_scale must be one of"):
+        losses("relative_everything")
+
+
 def test_neighbour_twins_are_replayed_at_the_forget_rows_latents(tiny_pipeline_dir):
     def built(*extra):
         request = Request("circle", "object", neighbors=["ring", "hollow square"])

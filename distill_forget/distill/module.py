@@ -53,12 +53,26 @@ BASE_ROWS = {
 SPLIT_GROUPS = ("retain", "neighbor")  # the groups `untouched` splits by prompt
 PROTECTABLE_GROUPS = ("retain", "neighbor", "forgotten")  # prompt groups the gradient projection may protect
 GUIDED_LOSSES = ("forget", "retain", "neighbor", "forgotten", "twin")  # those `loss_guidance` may compare guided
+# `loss_scale`: {name: (the forget mapping's scale, the retain / neighbour / forgotten replays' scale)}
+LOSS_SCALE_CHOICES = {
+    "mse": ("mse", "mse"),
+    "relative": ("relative", "relative"),
+    "relative_replays": ("mse", "relative"),
+    "relative_forget": ("relative", "mse"),
+}
+
+
+def loss_scales(name: str) -> tuple[str, str]:
+    """The forget mapping's and the replays' scales for the config's `loss_scale`."""
+    if name not in LOSS_SCALE_CHOICES:
+        raise ValueError(f"loss_scale must be one of {list(LOSS_SCALE_CHOICES)} (got {name!r})")
+    return LOSS_SCALE_CHOICES[name]
 
 
 def forget_objective(cfg, noise_scheduler, draw):
     """The forget loss named by `forget_objective`: distill (ForgetMapping) | esd | ablation."""
     if cfg.forget_objective == "distill":
-        return ForgetMapping(noise_scheduler, cfg.t_max, draw, cfg.loss_scale, cfg.forget_overshoot)
+        return ForgetMapping(noise_scheduler, cfg.t_max, draw, loss_scales(cfg.loss_scale)[0], cfg.forget_overshoot)
     if cfg.forget_objective == "esd":
         return ESD(noise_scheduler, cfg.esd.eta, draw)
     if cfg.forget_objective == "ablation":
@@ -154,12 +168,13 @@ class DistillForgetModule(L.LightningModule):
         self.draw = GlobalBatch(cfg.seed + 1)  # + 1: a stream apart from the replay bank's
         # The losses hold no weights of their own; a zero lambda skips a loss and its network calls.
         mean_weight = cfg.replay.mean_weight  # every replay's extra weight on its error's spatial mean
+        replay_scale = loss_scales(cfg.loss_scale)[1]
         self.objectives = torch.nn.ModuleDict(
             {
                 "forget": forget_objective(cfg, noise_scheduler, self.draw),
-                "retain": RetainReplay(noise_scheduler, self.draw, cfg.loss_scale, mean_weight),
-                "neighbor": NeighborPreservation(noise_scheduler, self.draw, cfg.loss_scale, mean_weight),
-                "forgotten": ForgottenReplay(noise_scheduler, self.draw, cfg.loss_scale, mean_weight),
+                "retain": RetainReplay(noise_scheduler, self.draw, replay_scale, mean_weight),
+                "neighbor": NeighborPreservation(noise_scheduler, self.draw, replay_scale, mean_weight),
+                "forgotten": ForgottenReplay(noise_scheduler, self.draw, replay_scale, mean_weight),
                 "unconditional": UnconditionalReplay(noise_scheduler, self.draw, mean_weight),
                 "twin": TwinReplay(noise_scheduler, self.draw, mean_weight),
                 "reg": ParameterAnchor(),
