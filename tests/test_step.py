@@ -593,17 +593,28 @@ def test_checkpoints_are_kept_every_n_steps_but_not_after_the_last(tiny_pipeline
         assert torch.load(saved[0], weights_only=False)["global_step"] == saved_at
 
 
+def started_module(pipeline_dir, request: Request, *extra: str):
+    """The training module of `request` on `pipeline_dir`, set up and started as `Trainer.fit` would."""
+    module, _ = build_module(pipeline_dir, request, fast_cfg(*extra))
+    module.setup("fit")
+    module.on_fit_start()
+    return module
+
+
+def moved_cross_attention(module) -> None:
+    """Move the student's first cross-attention value projection, so it no longer equals the teacher."""
+    with torch.no_grad():  # cross-attention reads every prompt's tokens, the empty prompt's too
+        next(p for n, p in module.unet.named_parameters() if ".attn2.to_v." in n).add_(0.05)
+
+
 def test_the_empty_prompt_is_replayed_on_the_retain_rows(tiny_pipeline_dir):
     def losses(*extra):
-        module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg(*extra))
-        module.setup("fit")
-        module.on_fit_start()
+        module = started_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), *extra)
         return module, module.losses()
 
     module, before = losses()
     assert before["unconditional"].item() == 0.0  # the student is the teacher
-    with torch.no_grad():  # cross-attention reads the empty prompt's tokens too
-        next(p for n, p in module.unet.named_parameters() if ".attn2.to_v." in n).add_(0.05)
+    moved_cross_attention(module)
     assert module.losses()["unconditional"].item() > 0.0
     assert "unconditional" not in losses("retain.unconditional=false")[1]
     assert "unconditional" not in losses("lambda_r=0")[1]  # the baselines' "no replay"
@@ -612,11 +623,8 @@ def test_the_empty_prompt_is_replayed_on_the_retain_rows(tiny_pipeline_dir):
 def test_loss_scale_can_make_the_replays_relative_and_leave_the_forget_mapping_mse(tiny_pipeline_dir):
     def losses(scale):
         request = Request("circle", "object", neighbors=["ring"])
-        module, _ = build_module(tiny_pipeline_dir, request, fast_cfg(f"loss_scale={scale}"))
-        module.setup("fit")
-        module.on_fit_start()
-        with torch.no_grad():  # a student that differs from the teacher
-            next(p for n, p in module.unet.named_parameters() if ".attn2.to_v." in n).add_(0.05)
+        module = started_module(tiny_pipeline_dir, request, f"loss_scale={scale}")
+        moved_cross_attention(module)  # a student that differs from the teacher
         return {name: loss.item() for name, loss in module.losses().items()}
 
     mse, relative = losses("mse"), losses("relative")
@@ -635,10 +643,7 @@ def test_loss_scale_can_make_the_replays_relative_and_leave_the_forget_mapping_m
 def test_neighbour_twins_are_replayed_at_the_forget_rows_latents(tiny_pipeline_dir):
     def built(*extra):
         request = Request("circle", "object", neighbors=["ring", "hollow square"])
-        module, _ = build_module(tiny_pipeline_dir, request, fast_cfg(*extra))
-        module.setup("fit")
-        module.on_fit_start()
-        return module
+        return started_module(tiny_pipeline_dir, request, *extra)
 
     module = built("neighbors.twins=true")
     for prompt, variants in zip(module.groups.forget, module.groups.twins):

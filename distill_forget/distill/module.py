@@ -69,10 +69,10 @@ def loss_scales(name: str) -> tuple[str, str]:
     return LOSS_SCALE_CHOICES[name]
 
 
-def forget_objective(cfg, noise_scheduler, draw):
-    """The forget loss named by `forget_objective`: distill (ForgetMapping) | esd | ablation."""
+def forget_objective(cfg, noise_scheduler, draw, scale: str):
+    """The forget loss named by `forget_objective`: distill (ForgetMapping, at `scale`) | esd | ablation."""
     if cfg.forget_objective == "distill":
-        return ForgetMapping(noise_scheduler, cfg.t_max, draw, loss_scales(cfg.loss_scale)[0], cfg.forget_overshoot)
+        return ForgetMapping(noise_scheduler, cfg.t_max, draw, scale, cfg.forget_overshoot)
     if cfg.forget_objective == "esd":
         return ESD(noise_scheduler, cfg.esd.eta, draw)
     if cfg.forget_objective == "ablation":
@@ -168,10 +168,10 @@ class DistillForgetModule(L.LightningModule):
         self.draw = GlobalBatch(cfg.seed + 1)  # + 1: a stream apart from the replay bank's
         # The losses hold no weights of their own; a zero lambda skips a loss and its network calls.
         mean_weight = cfg.replay.mean_weight  # every replay's extra weight on its error's spatial mean
-        replay_scale = loss_scales(cfg.loss_scale)[1]
+        forget_scale, replay_scale = loss_scales(cfg.loss_scale)
         self.objectives = torch.nn.ModuleDict(
             {
-                "forget": forget_objective(cfg, noise_scheduler, self.draw),
+                "forget": forget_objective(cfg, noise_scheduler, self.draw, forget_scale),
                 "retain": RetainReplay(noise_scheduler, self.draw, replay_scale, mean_weight),
                 "neighbor": NeighborPreservation(noise_scheduler, self.draw, replay_scale, mean_weight),
                 "forgotten": ForgottenReplay(noise_scheduler, self.draw, replay_scale, mean_weight),
