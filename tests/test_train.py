@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from distill_forget.config import load_config
+from distill_forget.config import CONFIG_DIR, load_config
 from distill_forget.distill.step import RECORD_FILE
 from distill_forget.ledger import Ledger, step_dir
-from distill_forget.requests import Request
+from distill_forget.requests import Request, check_minicanvas, load_requests
 from distill_forget import train as loop
 from distill_forget.train import as_carried_out, prepare_run_dir
 
@@ -127,6 +127,18 @@ def test_a_malformed_request_file_is_refused_before_any_work(tiny_run, tmp_path)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "kind" in out and "request 1" in out
     assert not run_dir.exists()
+
+
+def test_the_shipped_minicanvas_request_files_load_with_the_step_settings_they_name():
+    settings, folder = load_config("step", []), CONFIG_DIR / "requests"
+    sequence = [r.concept for r in load_requests(folder / "minicanvas-10.yaml")]
+    for path in sorted(folder.glob("minicanvas-*.yaml")):
+        requests = load_requests(path, settings)  # an override that names no step setting is refused
+        check_minicanvas(requests)
+        if path.name.startswith("minicanvas-10"):
+            assert [r.concept for r in requests] == sequence, path.name
+    relative = load_requests(folder / "minicanvas-10-relative-replays.yaml", settings)
+    assert [r.overrides.get("loss_scale", "mse") for r in relative] == ["mse"] * 2 + ["relative_replays"] * 8
 
 
 def test_default_command_smoke_on_the_shipped_model(tmp_path):
