@@ -130,14 +130,16 @@ def test_a_malformed_request_file_is_refused_before_any_work(tiny_run, tmp_path)
 
 
 def test_the_shipped_minicanvas_request_files_load_with_the_step_settings_they_name():
-    settings, folder = load_config("step", []), CONFIG_DIR / "requests"
-    sequence = [r.concept for r in load_requests(folder / "minicanvas-10.yaml")]
-    for path in sorted(folder.glob("minicanvas-*.yaml")):
-        requests = load_requests(path, settings)  # an override that names no step setting is refused
+    settings = load_config("step", [])
+    shipped = {  # an override that names no step setting is refused
+        path.name: load_requests(path, settings) for path in sorted((CONFIG_DIR / "requests").glob("minicanvas-*.yaml"))
+    }
+    sequence = [r.concept for r in shipped["minicanvas-10.yaml"]]
+    for name, requests in shipped.items():
         check_minicanvas(requests)
-        if path.name.startswith("minicanvas-10"):
-            assert [r.concept for r in requests] == sequence, path.name
-    relative = load_requests(folder / "minicanvas-10-relative-replays.yaml", settings)
+        if name.startswith("minicanvas-10"):
+            assert [r.concept for r in requests] == sequence, name
+    relative = shipped["minicanvas-10-relative-replays.yaml"]
     assert [r.overrides.get("loss_scale", "mse") for r in relative] == ["mse"] * 2 + ["relative_replays"] * 8
 
 
