@@ -63,14 +63,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="probe seeds 0..N-1 per size")
     parser.add_argument("--top-k", type=int, default=None, help="neighbours protected; default: step.neighbors.top_k")
     parser.add_argument("--forgotten", nargs="*", default=[], help="concepts earlier requests removed (not ranked)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads; default: configs/evaluate.yaml's")
     args = parser.parse_args(argv)
     known = concepts.OBJECTS + concepts.STYLES
     for name in (args.concept, *args.forgotten):
         if name not in known:
             raise SystemExit(f"{name!r} is not a MiniCanvas concept ({', '.join(known)})")
     top_k = args.top_k or read_config("step").neighbors.top_k
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or read_config("evaluate").threads)
     table = rankings(resolve_model_dir(args.model), args.concept, args.latents, args.seeds, args.forgotten)
     for k, ranked in table.items():
         print(f"K={k} probe latents")
