@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 
 from distill_forget.config import read_config, resolve_model_dir
 from distill_forget.distill.networks import Denoiser, prompt_encoder
-from distill_forget.distill.prompts import concept_prompt, world_concepts
+from distill_forget.distill.prompts import concept_prompt, neighbor_pool
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors
 from distill_forget.pipelines import load_pipeline
 from distill_forget.world import concepts
@@ -37,8 +37,7 @@ def rankings(model_dir, concept: str, latents: list[int], seeds: int, forgotten=
     encoder = prompt_encoder(pipe)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     kind = concepts.kind_of(concept)
-    gone = {concept, *forgotten}
-    pool = {c: concept_prompt(c, kind) for c in world_concepts(kind) if c not in gone}
+    pool = neighbor_pool(kind, {concept, *forgotten})
     table = {}
     for k in latents:
         table[k] = []

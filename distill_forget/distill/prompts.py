@@ -69,6 +69,11 @@ def world_concepts(kind: str) -> list[str]:
     return list(concepts.OBJECTS if kind == "object" else concepts.STYLES)
 
 
+def neighbor_pool(kind: str, gone) -> dict[str, str]:
+    """{concept: its prompt} for the world's concepts of `kind` not in `gone`: whom a request ranks as neighbours."""
+    return {c: concept_prompt(c, kind) for c in world_concepts(kind) if c not in gone}
+
+
 def other_kind(kind: str) -> str:
     return "style" if kind == "object" else "object"
 

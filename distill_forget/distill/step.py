@@ -31,11 +31,11 @@ from distill_forget.distill.prompts import (
     bank_concepts,
     concept_prompt,
     in_context,
+    neighbor_pool,
     other_kind,
     replace_concept,
     replayable_concepts,
     retain_prompts,
-    world_concepts,
 )
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
 from distill_forget.merging import merge_states
@@ -74,7 +74,7 @@ def plan_prompts(
     earlier_neighbors = [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
     touched = {c for f in forgotten for c in (*f.neighbors, *f.targets)}  # by earlier requests
     if cfg.world == "minicanvas":
-        pool = {c: concept_prompt(c, request.kind) for c in world_concepts(request.kind) if c not in gone}
+        pool = neighbor_pool(request.kind, gone)
         concept_text = concept_prompt(request.concept, request.kind)
     else:
         pool = {c: c for c in bank_concepts(cfg.neighbors.pool, request.kind) if c not in gone}
