@@ -18,11 +18,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from distill_forget.metrics import quality_rise
+from distill_forget.report import format_counts
 from distill_forget.storage import atomic_file
 
 MODES = ("auto", "online", "offline", "disabled")
 ID_FILE = "wandb_id"
-TABLE_COLUMNS = ("request", "concept", "kind", "ua", "ira", "cra", "nra", "quality", "quality_vs_base", "seconds")
+TABLE_COLUMNS = ("request", "concept", "kind", "ua", "ira", "cra", "nra", "quality", "quality_vs_base", "seconds",
+                 "read_as")  # what the judge reads in the images of the request's concept
 
 
 def wandb_mode(setting: str) -> str:
@@ -86,7 +88,8 @@ class WandbReport:
             metrics["quality_vs_base"] = rise
         request = record["request"]
         row = {"request": record["index"], "concept": request["concept"], "kind": request["kind"],
-               **metrics, "seconds": record["seconds"]}  # fmt: skip
+               **metrics, "seconds": record["seconds"],
+               "read_as": format_counts((record.get("read_as") or {}).get(request["concept"]))}  # fmt: skip
         self.rows.append([row.get(column) for column in TABLE_COLUMNS])
         if not log:
             return

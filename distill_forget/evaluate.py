@@ -21,6 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from distill_forget.config import MINICANVAS_DIR, load_config, resolve_model_dir
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
+from distill_forget.report import format_counts
 from distill_forget.storage import write_json
 from distill_forget.world import concepts
 from distill_forget.world.judge import JudgeFeatures, MiniCanvasJudge
@@ -174,11 +175,12 @@ def evaluate_pipeline(pipe, judge, cfg, forgotten=(), neighbors=None, replayed=N
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'concept':<18} {'kind':<7} {'role':<10} {'images':>6} {'rate %':>7}"]
+    lines = [f"{'concept':<18} {'kind':<7} {'role':<10} {'images':>6} {'rate %':>7}  read as"]
     for name, row in result["per_concept"].items():
         rate = "-" if row["rate"] is None else f"{row['rate']:.1f}"
-        lines.append(f"{name:<18} {row['kind']:<7} {row['role']:<10} {row['images']:>6} {rate:>7}")
-    lines.append("(rate: forget rate for forgotten concepts, judge accuracy otherwise)")
+        read_as = format_counts(dict(list(row["read_as"].items())[:3]))  # the three most frequent readings
+        lines.append(f"{name:<18} {row['kind']:<7} {row['role']:<10} {row['images']:>6} {rate:>7}  {read_as}")
+    lines.append("(rate: forget rate for forgotten concepts, judge accuracy otherwise; read as: what the judge sees)")
     shown = {k: v for k, v in result["metrics"].items() if v is not None}
     lines.append("metrics: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     return "\n".join(lines)

@@ -11,8 +11,12 @@ Input is one record per generated image: the concepts its prompt named, per doma
   same / other kinds, neighbours left out; averaged over forgotten concepts.
 - NRA: mean accuracy over the designated neighbours of the forgotten concepts.
 - `*_unseen`: the same over concepts never replayed during training, when `replayed` is given.
+- What the judge reads in the images of each concept (`per_concept[c]["read_as"]`): where a
+  forgotten concept went (its target, or a neighbour on the way there), and what took a damaged
+  concept's place.
 """
 
+from collections import Counter
 from statistics import mean
 
 
@@ -22,24 +26,29 @@ def _pct(values) -> float | None:
 
 
 def per_concept(records: list[dict], domains: dict[str, list[str]], forgotten) -> dict[str, dict]:
-    """For every concept: its kind, the number of images and the judge's rate for it.
+    """For every concept: its kind, the number of images, the judge's rate for it, and what the
+    judge reads in those images (`read_as`: {concept of the same kind: images}, most first).
 
     `rate` is the forget rate (share NOT recognised) for a forgotten concept, the accuracy
-    otherwise, both as fractions.
+    otherwise, both as fractions. A retained concept's images are those whose prompt names no
+    forgotten concept.
     """
     forgotten = set(forgotten)
     table = {}
     for kind, names in domains.items():
         for concept in names:
-            if concept in forgotten:
-                hits = [r["seen"][kind] != concept for r in records if r["prompt"][kind] == concept]
-            else:
-                hits = [
-                    r["seen"][kind] == concept
-                    for r in records
-                    if r["prompt"][kind] == concept and not forgotten & set(r["prompt"].values())
-                ]
-            table[concept] = {"kind": kind, "images": len(hits), "rate": mean(hits) if hits else None}
+            seen = [
+                r["seen"][kind]
+                for r in records
+                if r["prompt"][kind] == concept and (concept in forgotten or not forgotten & set(r["prompt"].values()))
+            ]
+            hits = [(s != concept) if concept in forgotten else (s == concept) for s in seen]
+            table[concept] = {
+                "kind": kind,
+                "images": len(hits),
+                "rate": mean(hits) if hits else None,
+                "read_as": dict(Counter(seen).most_common()),
+            }
     return table
 
 

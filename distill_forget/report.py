@@ -78,6 +78,27 @@ def _metric_cells(metrics: dict) -> list[str]:
     return [_cell(metrics[key], ".3g" if key == "quality" else ".1f") for key in MAIN_METRICS]
 
 
+def format_counts(counts: dict | None) -> str:
+    """{name: count} as "checkerboard 27, dots 9"; a target "" (the concept left out of the sentence)
+    as '""'; "-" when there is nothing."""
+    return ", ".join(f"{name or repr('')} {n}" for name, n in counts.items()) if counts else "-"
+
+
+def _where_concepts_went(steps: list[dict]) -> str:
+    """A table: each request's concept, the target it was mapped onto, what its images read as."""
+    rows = [s for s in steps if s.get("read_as")]
+    if not rows:
+        return ""
+    lines = ["| request | concept | mapped onto (forget prompts) | its images read as |", "|---|---|---|---|"]
+    lines += [f"| {s['index']} | {s['concept']} | {format_counts(s.get('targets'))} | {format_counts(s['read_as'])} |"
+              for s in rows]  # fmt: skip
+    return (
+        "Where each request's concept went: what the judge reads in its images right after the request. "
+        "A concept read as a protected neighbour or as itself, not as its target, was mapped only part of "
+        "the way.\n\n" + "\n".join(lines) + "\n\n"
+    )
+
+
 def format_markdown(report: dict) -> str:
     """A markdown table: the base model, then one row per request."""
     header = ["request", "concept", "UA", "IRA", "CRA", "NRA", "quality"]
@@ -106,6 +127,7 @@ def format_markdown(report: dict) -> str:
         + "\n".join(lines)
         + f"\n\n{len(report['steps'])} requests, {total:.1f} s in all.\n\n"
         + QUALITY_NOTE
+        + _where_concepts_went(report["steps"])
         + "![metrics over requests](metrics.png)\n\n![cumulative cost](cost.png)\n"
     )
 

@@ -32,7 +32,7 @@ from distill_forget.ledger import Ledger, LedgerError, step_dir, utc_now, weight
 from distill_forget.merging import MERGE_METHODS, merge_states, unet_state
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device, unet_weight_files
-from distill_forget.report import write_report
+from distill_forget.report import format_counts, write_report
 from distill_forget.requests import RequestFileError, check_minicanvas, load_requests, merge_settings
 from distill_forget.storage import atomic_file, torch_load, torch_save, write_json
 
@@ -316,8 +316,11 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         record["metrics"] = result["metrics"]
         if base is not None:
             record["base_metrics"] = base_metrics_for(folder.parent.parent, base, judge, cfg, sets, result["neighbors"])
+        # Where each concept forgotten so far went: what the judge reads in its images.
+        record["read_as"] = {c: result["per_concept"][c]["read_as"] for c in result["forgotten"]}
         shown = {k: result["metrics"][k] for k in ("ua", "ira", "cra", "nra", "quality")}
-        print(f"[{index}/{len(requests)}] {request.concept!r} done in {seconds:.0f} s; metrics {shown}", flush=True)
+        print(f"[{index}/{len(requests)}] {request.concept!r} done in {seconds:.0f} s; metrics {shown}; its images "
+              f"read as {format_counts(record['read_as'].get(request.concept, {}))}", flush=True)  # fmt: skip
     return record
 
 
@@ -367,6 +370,8 @@ def report_row(record: dict) -> dict:
         "seconds": record["seconds"],
         "checkpoint": record["checkpoint"],
         "output_hash": record["output_hash"],
+        "targets": dict(record["targets"].get("counts", {})),
+        "read_as": record.get("read_as", {}).get(record["request"]["concept"]),  # records before 12-04 have none
     }
 
 

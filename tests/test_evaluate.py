@@ -35,7 +35,12 @@ def test_evaluate_command_writes_every_metric(tiny_pipeline_dir, tmp_path, capsy
     assert result["neighbors"] == ["big dots"]
     assert result["per_concept"]["dots"]["role"] == "forgotten"
     assert (out / "grid.png").is_file()
-    assert "results in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "results in" in printed
+    dots = result["per_concept"]["dots"]
+    assert sum(dots["read_as"].values()) == dots["images"] == 12  # every image of 'dots' read as some style
+    reading, count = next(iter(dots["read_as"].items()))
+    assert f"{reading} {count}" in next(line for line in printed.splitlines() if line.startswith("dots "))
 
 
 def test_evaluate_defaults_live_in_one_config():

@@ -66,10 +66,17 @@ def test_partial_forgetting_and_damage_to_a_neighbour():
             seen["style"] = "dots"  # a neighbour damaged on 1 of its 4 images
         return seen
 
-    m = compute_metrics(records(judge), DOMAINS, forgotten=["dots"], neighbors=["big dots"])["metrics"]
+    result = compute_metrics(records(judge), DOMAINS, forgotten=["dots"], neighbors=["big dots"])
+    m = result["metrics"]
     assert m["ua"] == 50.0
     assert m["nra"] == 75.0
     assert m["ira"] == 100.0  # neon: the one in-domain retained non-neighbour
+    # what the judge reads instead, most first: where the forgotten concept went, what replaced the damaged one
+    read_as = {c: row["read_as"] for c, row in result["per_concept"].items()}
+    assert read_as["dots"] == {"neon": 2, "dots": 2}
+    assert read_as["big dots"] == {"big dots": 3, "dots": 1}
+    assert list(read_as["big dots"]) == ["big dots", "dots"]
+    assert read_as["circle"] == {"circle": 2}  # its images naming 'dots' are left out, as for its accuracy
 
 
 def test_in_and_cross_domain_follow_the_kind_of_each_forgotten_concept():

@@ -16,6 +16,8 @@ STEPS = [
         "metrics": {"ua": 98.0, "ira": 81.0, "cra": 80.0, "nra": 35.0, "quality": 1.8, "object_accuracy": 85.0},
         "seconds": 120.0,
         "checkpoint": "steps/01-dots/pipeline",
+        "targets": {"mosaic": 27},
+        "read_as": {"checkerboard": 27, "dots": 9},
     },
     {
         "index": 2,
@@ -55,7 +57,8 @@ def test_report_json_has_the_required_structure(written):
 
 def test_report_md_has_base_and_one_row_per_request(written):
     run_dir, _ = written
-    table = [line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("|")]
+    metrics_part = (run_dir / "report.md").read_text().split("Where each request")[0]
+    table = [line for line in metrics_part.splitlines() if line.startswith("|")]
     header, _, *rows = table
     assert "UA" in header and "NRA" in header and "seconds" in header
     assert len(rows) == 1 + len(STEPS)
@@ -64,6 +67,13 @@ def test_report_md_has_base_and_one_row_per_request(written):
     assert "| 97.0 | 72.0 | 78.0 | - |" in rows[2]  # None shown as "-"
     assert "| 80.0 / 97.5 / - | +50.0 | 100.0 |" in rows[2]
     assert "distill_forget.quality_noise" in (run_dir / "report.md").read_text()  # how far to trust the figure
+
+
+def test_report_md_says_where_each_concept_went(written):
+    run_dir, _ = written
+    text = (run_dir / "report.md").read_text()
+    assert "| 1 | dots | mosaic 27 | checkerboard 27, dots 9 |" in text
+    assert "| 2 | circle |" not in text  # a step without readings (an older ledger record) has no row
 
 
 def test_the_plots_are_valid_pngs(written):

@@ -78,6 +78,14 @@ def test_killed_during_a_request_resumes_from_its_checkpoint(tiny_run):
         assert key in report["base"]["metrics"] and key in report["steps"][1]["metrics"]
     assert report["steps"][0]["seconds"] > 0
     assert not (run_dir / "steps" / "02-star" / "checkpoints").exists()
+    # where each forgotten concept went: the judge's readings of its images, in the ledger and the report
+    metrics = json.loads((run_dir / "steps" / "02-star" / "metrics.json").read_text())
+    assert set(records[1]["read_as"]) == {"dots", "star"}
+    for concept, counts in records[1]["read_as"].items():
+        assert sum(counts.values()) == metrics["per_concept"][concept]["images"] > 0
+    assert report["steps"][1]["read_as"] == records[1]["read_as"]["star"]
+    assert report["steps"][1]["targets"] == records[1]["targets"]["counts"]
+    assert "| 2 | star |" in (run_dir / "report.md").read_text()
 
 
 def test_killed_between_requests_loses_no_step_and_tampering_is_refused(tiny_run):

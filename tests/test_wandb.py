@@ -1,5 +1,6 @@
 """W&B, offline: one run per sequence with losses, lr, per-request metrics, grids and the ledger."""
 
+import json
 import os
 import subprocess
 import sys
@@ -36,4 +37,7 @@ def test_the_loop_logs_one_offline_wandb_run_per_sequence(tiny_pipeline_dir, tmp
     grids = sorted((first / "files" / "media" / "images").glob("grid_*.png"))
     tables = sorted((first / "files" / "media" / "table").glob("metrics_table_*.table.json"))
     assert len(grids) == 2 and len(tables) == 2  # one per request
+    for path in tables:  # each row says where its request's concept went: "big dots 12", not "-"
+        table = json.loads(path.read_text())
+        assert all(row[table["columns"].index("read_as")] not in (None, "-") for row in table["data"])
     assert b"request/ua" not in (runs[1] / f"run-{run_id}.wandb").read_bytes()  # done requests are not logged again
