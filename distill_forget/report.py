@@ -80,7 +80,7 @@ def _metric_cells(metrics: dict) -> list[str]:
 
 def format_counts(counts: dict | None) -> str:
     """{name: count} as "checkerboard 27, dots 9"; a target "" (the concept left out of the sentence)
-    as '""'; "-" when there is nothing."""
+    as ''; "-" when there is nothing."""
     return ", ".join(f"{name or repr('')} {n}" for name, n in counts.items()) if counts else "-"
 
 
