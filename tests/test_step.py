@@ -405,6 +405,31 @@ def test_protected_neighbours_are_target_candidates_only_with_among_neighbors():
         assert any("plus sign" in mentioned(p) for p in groups.neighbor)  # protected either way
 
 
+def test_no_target_with_a_protected_neighbour_between_it_and_the_concept_with_between_margin():
+    # squared distances between points of a plane: `ring` is the closest candidate to `cross`, but the
+    # protected `plus sign` lies half way there; `triangle` is a little farther, with nothing between
+    where = {"cross": (0.0, 0.0), "plus sign": (1.0, 0.0), "ring": (2.0, 0.0), "triangle": (0.0, 2.2)}
+
+    def point(sentence):
+        return next((xy for c, xy in where.items() if c in mentioned(sentence)), (10.0, 10.0))
+
+    def distances(prompt, sentences):
+        (x, y) = point(prompt)
+        return torch.tensor([(x - u) ** 2 + (y - v) ** 2 for u, v in map(point, sentences)])
+
+    request = Request("cross", "object", neighbors=["plus sign"])
+    _, off = plan_prompts(request, [], fast_cfg("target.mode=score"), distances, encoder=None)
+    assert list(off["targets"]["counts"]) == ["ring"] and "between" not in off["targets"]
+    # plus sign to cross 1, to ring 1, both under 0.72 x 4; to triangle 5.84, over 0.72 x 4.84
+    _, plan = plan_prompts(request, [], fast_cfg("target.mode=score", "target.between_margin=0.72"), distances, None)
+    assert list(plan["targets"]["counts"]) == ["triangle"]
+    assert plan["targets"]["between"] == {"ring": ["plus sign"]}
+    assert "ring" not in plan["targets"]["candidates"]
+    # a margin so small that nothing lies between leaves the choice as it was
+    _, plan = plan_prompts(request, [], fast_cfg("target.mode=score", "target.between_margin=0.2"), distances, None)
+    assert list(plan["targets"]["counts"]) == ["ring"] and "between" not in plan["targets"]
+
+
 def test_target_and_the_concepts_closest_to_it_join_the_neighbour_replay_with_protect():
     def distances(_prompt, sentences):  # `plus sign` is closest to anything, then ring, triangle, heart
         order = {"plus sign": 0.0, "ring": 1.0, "triangle": 1.5, "heart": 1.8}

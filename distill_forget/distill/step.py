@@ -37,7 +37,13 @@ from distill_forget.distill.prompts import (
     replayable_concepts,
     retain_prompts,
 )
-from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_neighbors, choose_targets
+from distill_forget.distill.targets import (
+    ScoreDistances,
+    ScoreProbe,
+    choose_neighbors,
+    choose_targets,
+    neighbors_between,
+)
 from distill_forget.merging import merge_states
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.requests import (
@@ -110,6 +116,14 @@ def plan_prompts(
         if cfg.target.avoid_pending:
             taken |= set(pending)
         candidates = request.targets or [c for c in offered if c not in taken] or offered
+        # `target.between_margin`: no candidate with a protected neighbour between it and the
+        # concept (unless every candidate has one).
+        between = {}
+        if cfg.target.mode == "score" and not request.targets:
+            prompt_of = lambda c: concept_prompt(c, concepts.kind_of(c))  # noqa: E731
+            between = neighbors_between(concept_text, {c: prompt_of(c) for c in candidates},
+                                        {n: prompt_of(n) for n in neighbors}, distances, cfg.target.between_margin)  # fmt: skip
+            candidates = [c for c in candidates if c not in between] or candidates
     else:
         if not request.prompts:
             where = request.where or repr(request.concept)
@@ -123,6 +137,7 @@ def plan_prompts(
 
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = request.targets or [""]
+        between = {}
         retain_replayed = []
         retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
 
@@ -134,6 +149,8 @@ def plan_prompts(
         targets, target_record = choose_targets(
             cfg.target.mode, forget, request.concept, candidates, cfg.seed, distances, cfg.target.scope
         )
+        if between:
+            target_record["between"] = between  # candidates left out: {candidate: the neighbours between}
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
     counts = target_record["counts"]

@@ -131,6 +131,29 @@ def choose_targets(
     return targets, record
 
 
+def neighbors_between(concept_text: str, candidates: dict[str, str], neighbors: dict[str, str], distances, margin: float):
+    """{candidate: the protected neighbours lying between it and the concept}, for candidates that have any.
+
+    A neighbour n lies between when it is closer to both than `margin` times their own distance:
+    max(d(concept, n), d(candidate, n)) < margin * d(concept, candidate). On sentences it was not
+    trained on the mapping goes only part of the way, and images part of the way from the concept to
+    such a target read as that neighbour (MiniCanvas: `dots` onto `mosaic` reads as `checkerboard`).
+    Names map to the prompts compared; `margin` <= 0 blocks nothing.
+    """
+    if margin <= 0 or not neighbors or not candidates:
+        return {}
+    names, prompts = list(neighbors), list(neighbors.values())
+    to_concept = distances(concept_text, prompts).tolist()
+    apart = distances(concept_text, list(candidates.values())).tolist()
+    blocked = {}
+    for (candidate, prompt), d in zip(candidates.items(), apart):
+        to_candidate = distances(prompt, prompts).tolist()
+        inside = [n for n, a, b in zip(names, to_concept, to_candidate) if max(a, b) < margin * d]
+        if inside:
+            blocked[candidate] = inside
+    return blocked
+
+
 def choose_neighbors(
     mode: str,
     concept_text: str,
