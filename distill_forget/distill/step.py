@@ -75,6 +75,7 @@ def plan_prompts(
     `pending`: the concepts later requests of the sequence will forget (`target.avoid_pending`).
     """
     gone = {request.concept, *(f.concept for f in forgotten)}
+    between = {}  # target candidates left out (`target.between_margin`): {candidate: the neighbours between}
     # Neighbours of earlier requests stay replayed (`retain.earlier_neighbors`): they were the
     # first damaged then, and nothing else would hold them now.
     earlier_neighbors = [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
@@ -118,11 +119,12 @@ def plan_prompts(
         candidates = request.targets or [c for c in offered if c not in taken] or offered
         # `target.between_margin`: no candidate with a protected neighbour between it and the
         # concept (unless every candidate has one).
-        between = {}
         if cfg.target.mode == "score" and not request.targets:
-            prompt_of = lambda c: concept_prompt(c, concepts.kind_of(c))  # noqa: E731
-            between = neighbors_between(concept_text, {c: prompt_of(c) for c in candidates},
-                                        {n: prompt_of(n) for n in neighbors}, distances, cfg.target.between_margin)  # fmt: skip
+            prompt_of = {c: concept_prompt(c, concepts.kind_of(c)) for c in [*candidates, *neighbors]}
+            between = neighbors_between(
+                concept_text, {c: prompt_of[c] for c in candidates}, {n: prompt_of[n] for n in neighbors},
+                distances, cfg.target.between_margin,
+            )  # fmt: skip
             candidates = [c for c in candidates if c not in between] or candidates
     else:
         if not request.prompts:
@@ -137,7 +139,6 @@ def plan_prompts(
 
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = request.targets or [""]
-        between = {}
         retain_replayed = []
         retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
 
@@ -150,7 +151,7 @@ def plan_prompts(
             cfg.target.mode, forget, request.concept, candidates, cfg.seed, distances, cfg.target.scope
         )
         if between:
-            target_record["between"] = between  # candidates left out: {candidate: the neighbours between}
+            target_record["between"] = between
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
     counts = target_record["counts"]

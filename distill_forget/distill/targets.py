@@ -131,7 +131,9 @@ def choose_targets(
     return targets, record
 
 
-def neighbors_between(concept_text: str, candidates: dict[str, str], neighbors: dict[str, str], distances, margin: float):
+def neighbors_between(
+    concept_text: str, candidates: dict[str, str], neighbors: dict[str, str], distances, margin: float
+) -> dict[str, list[str]]:
     """{candidate: the protected neighbours lying between it and the concept}, for candidates that have any.
 
     A neighbour n lies between when it is closer to both than `margin` times their own distance:
