@@ -425,6 +425,9 @@ def test_no_target_with_a_protected_neighbour_between_it_and_the_concept_with_be
     assert list(plan["targets"]["counts"]) == ["triangle"]
     assert plan["targets"]["between"] == {"ring": ["plus sign"]}
     assert "ring" not in plan["targets"]["candidates"]
+    # every plan records its target's value, the switch on or off: max(d(cross, n), d(target, n)) / d(cross, target)
+    assert off["targets"]["between_ratio"] == pytest.approx(1 / 4)
+    assert plan["targets"]["between_ratio"] == pytest.approx(5.84 / 4.84, abs=1e-4)
     # a margin so small that nothing lies between leaves the choice as it was
     _, plan = plan_prompts(request, [], fast_cfg("target.mode=score", "target.between_margin=0.2"), distances, None)
     assert list(plan["targets"]["counts"]) == ["ring"] and "between" not in plan["targets"]

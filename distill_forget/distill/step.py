@@ -41,6 +41,7 @@ from distill_forget.distill.targets import (
     ScoreDistances,
     ScoreProbe,
     choose_neighbors,
+    between_ratios,
     choose_targets,
     neighbors_between,
 )
@@ -156,6 +157,11 @@ def plan_prompts(
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
     counts = target_record["counts"]
     target = max(counts, key=counts.get) if counts else ""  # the one most forget prompts are mapped onto
+    if cfg.world == "minicanvas" and cfg.target.mode == "score" and target and neighbors:
+        # how far the protected neighbours lie between the concept and the target (`target.between_margin`)
+        ratios = between_ratios(concept_text, concept_prompt(target, request.kind),
+                                {n: concept_prompt(n, concepts.kind_of(n)) for n in neighbors}, distances)  # fmt: skip
+        target_record["between_ratio"] = round(min(ratios.values()), 4)
     # `target.protect`: the target and the concepts closest to it (score distance, as neighbours
     # are chosen) are replayed with the neighbours.
     protected = []

@@ -131,26 +131,32 @@ def choose_targets(
     return targets, record
 
 
+def between_ratios(concept_text: str, candidate_text: str, neighbors: dict[str, str], distances) -> dict[str, float]:
+    """{neighbour: max(d(concept, n), d(candidate, n)) / d(concept, candidate)} for `neighbors` (name -> prompt).
+
+    Below 1 where the neighbour is closer to both than they are to each other: it lies between, and the
+    smaller, the more. On sentences it was not trained on the mapping goes only part of the way, and
+    images part of the way from the concept to such a target read as that neighbour (MiniCanvas: `dots`
+    onto `mosaic` reads as `checkerboard`).
+    """
+    prompts = list(neighbors.values())
+    apart = max(float(distances(concept_text, [candidate_text])[0]), 1e-12)
+    ratios = torch.maximum(distances(concept_text, prompts), distances(candidate_text, prompts)) / apart
+    return dict(zip(neighbors, ratios.tolist()))
+
+
 def neighbors_between(
     concept_text: str, candidates: dict[str, str], neighbors: dict[str, str], distances, margin: float
 ) -> dict[str, list[str]]:
-    """{candidate: the protected neighbours lying between it and the concept}, for candidates that have any.
+    """{candidate: the neighbours whose `between_ratios` are under `margin`}, for candidates that have any.
 
-    A neighbour n lies between when it is closer to both than `margin` times their own distance:
-    max(d(concept, n), d(candidate, n)) < margin * d(concept, candidate). On sentences it was not
-    trained on the mapping goes only part of the way, and images part of the way from the concept to
-    such a target read as that neighbour (MiniCanvas: `dots` onto `mosaic` reads as `checkerboard`).
     Names map to the prompts compared; `margin` <= 0 blocks nothing.
     """
-    if margin <= 0 or not neighbors or not candidates:
+    if margin <= 0 or not neighbors:
         return {}
-    names, prompts = list(neighbors), list(neighbors.values())
-    to_concept = distances(concept_text, prompts).tolist()
-    apart = distances(concept_text, list(candidates.values())).tolist()
     blocked = {}
-    for (candidate, prompt), d in zip(candidates.items(), apart):
-        to_candidate = distances(prompt, prompts).tolist()
-        inside = [n for n, a, b in zip(names, to_concept, to_candidate) if max(a, b) < margin * d]
+    for candidate, prompt in candidates.items():
+        inside = [n for n, r in between_ratios(concept_text, prompt, neighbors, distances).items() if r < margin]
         if inside:
             blocked[candidate] = inside
     return blocked
