@@ -40,8 +40,8 @@ from distill_forget.distill.prompts import (
 from distill_forget.distill.targets import (
     ScoreDistances,
     ScoreProbe,
-    choose_neighbors,
     between_ratios,
+    choose_neighbors,
     choose_targets,
     neighbors_between,
 )
@@ -76,7 +76,6 @@ def plan_prompts(
     `pending`: the concepts later requests of the sequence will forget (`target.avoid_pending`).
     """
     gone = {request.concept, *(f.concept for f in forgotten)}
-    between = {}  # target candidates left out (`target.between_margin`): {candidate: the neighbours between}
     # Neighbours of earlier requests stay replayed (`retain.earlier_neighbors`): they were the
     # first damaged then, and nothing else would hold them now.
     earlier_neighbors = [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
@@ -90,6 +89,10 @@ def plan_prompts(
     neighbors, neighbor_record = choose_neighbors(
         cfg.neighbors.mode, concept_text, pool, cfg.neighbors.top_k, request.neighbors, distances, encoder
     )
+    neighbor_prompts = {}  # the protected neighbours' prompts, to see which lie between the concept and a target
+    if cfg.world == "minicanvas":
+        neighbor_prompts = {n: concept_prompt(n, concepts.kind_of(n)) for n in neighbors}
+    between = {}  # target candidates left out (`target.between_margin`): {candidate: the neighbours between}
 
     if cfg.world == "minicanvas":
         replayable = replayable_concepts(cfg.retain.replay_fraction, cfg.seed)
@@ -121,11 +124,8 @@ def plan_prompts(
         # `target.between_margin`: no candidate with a protected neighbour between it and the
         # concept (unless every candidate has one).
         if cfg.target.mode == "score" and not request.targets:
-            prompt_of = {c: concept_prompt(c, concepts.kind_of(c)) for c in [*candidates, *neighbors]}
-            between = neighbors_between(
-                concept_text, {c: prompt_of[c] for c in candidates}, {n: prompt_of[n] for n in neighbors},
-                distances, cfg.target.between_margin,
-            )  # fmt: skip
+            between = neighbors_between(concept_text, {c: concept_prompt(c, request.kind) for c in candidates},
+                                        neighbor_prompts, distances, cfg.target.between_margin)  # fmt: skip
             candidates = [c for c in candidates if c not in between] or candidates
     else:
         if not request.prompts:
@@ -157,10 +157,9 @@ def plan_prompts(
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
     counts = target_record["counts"]
     target = max(counts, key=counts.get) if counts else ""  # the one most forget prompts are mapped onto
-    if cfg.world == "minicanvas" and cfg.target.mode == "score" and target and neighbors:
+    if neighbor_prompts and cfg.target.mode == "score" and target:
         # how far the protected neighbours lie between the concept and the target (`target.between_margin`)
-        ratios = between_ratios(concept_text, concept_prompt(target, request.kind),
-                                {n: concept_prompt(n, concepts.kind_of(n)) for n in neighbors}, distances)  # fmt: skip
+        ratios = between_ratios(concept_text, concept_prompt(target, request.kind), neighbor_prompts, distances)
         target_record["between_ratio"] = round(min(ratios.values()), 4)
     # `target.protect`: the target and the concepts closest to it (score distance, as neighbours
     # are chosen) are replayed with the neighbours.
