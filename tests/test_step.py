@@ -26,6 +26,7 @@ from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.prompts import replace_concept
 from distill_forget.distill.step import (
     RECORD_FILE,
+    between_settings,
     build_module,
     make_trainer,
     plan_prompts,
@@ -405,18 +406,20 @@ def test_protected_neighbours_are_target_candidates_only_with_among_neighbors():
         assert any("plus sign" in mentioned(p) for p in groups.neighbor)  # protected either way
 
 
-def test_no_target_with_a_protected_neighbour_between_it_and_the_concept_with_between_margin():
-    # squared distances between points of a plane: `ring` is the closest candidate to `cross`, but the
-    # protected `plus sign` lies half way there; `triangle` is a little farther, with nothing between
+def plane_distances(prompt, sentences):
+    """Squared distances between points of a plane: `ring` is the closest candidate to `cross`, but the
+    protected `plus sign` lies half way there; `triangle` is a little farther, with nothing between."""
     where = {"cross": (0.0, 0.0), "plus sign": (1.0, 0.0), "ring": (2.0, 0.0), "triangle": (0.0, 2.2)}
 
     def point(sentence):
         return next((xy for c, xy in where.items() if c in mentioned(sentence)), (10.0, 10.0))
 
-    def distances(prompt, sentences):
-        (x, y) = point(prompt)
-        return torch.tensor([(x - u) ** 2 + (y - v) ** 2 for u, v in map(point, sentences)])
+    (x, y) = point(prompt)
+    return torch.tensor([(x - u) ** 2 + (y - v) ** 2 for u, v in map(point, sentences)])
 
+
+def test_no_target_with_a_protected_neighbour_between_it_and_the_concept_with_between_margin():
+    distances = plane_distances
     request = Request("cross", "object", neighbors=["plus sign"])
     _, off = plan_prompts(request, [], fast_cfg("target.mode=score"), distances, encoder=None)
     assert list(off["targets"]["counts"]) == ["ring"] and "between" not in off["targets"]
@@ -431,6 +434,44 @@ def test_no_target_with_a_protected_neighbour_between_it_and_the_concept_with_be
     # a margin so small that nothing lies between leaves the choice as it was
     _, plan = plan_prompts(request, [], fast_cfg("target.mode=score", "target.between_margin=0.2"), distances, None)
     assert list(plan["targets"]["counts"]) == ["ring"] and "between" not in plan["targets"]
+
+
+def test_a_target_with_a_protected_neighbour_between_trains_with_between_overrides():
+    request = Request("cross", "object", neighbors=["plus sign"])
+    cfg = fast_cfg("target.mode=score", "target.between_overrides_margin=0.72")
+    _, plan = plan_prompts(request, [], cfg, plane_distances, encoder=None)  # onto `ring`, ratio 1 / 4
+    assert dict(cfg.target.between_overrides) == {"forget_overshoot": 0.5}  # the default
+    trained = between_settings(cfg, plan, request)
+    assert trained.forget_overshoot == 0.5 and cfg.forget_overshoot == 0.0
+    assert plan["targets"]["between_overrides"] == {"forget_overshoot": 0.5}  # recorded with the target
+    assert {**OmegaConf.to_container(trained), "forget_overshoot": 0.0} == OmegaConf.to_container(cfg)  # nothing else
+    # a target with nothing between (`triangle`, ratio 1.21), or the switch off (the default), keeps the settings
+    onto_triangle = Request("cross", "object", neighbors=["plus sign"], targets=["triangle"])
+    _, far = plan_prompts(onto_triangle, [], cfg, plane_distances, encoder=None)
+    assert far["targets"]["between_ratio"] > 1
+    assert between_settings(cfg, far, onto_triangle).forget_overshoot == 0.0
+    assert "between_overrides" not in far["targets"]
+    _, off = plan_prompts(request, [], fast_cfg("target.mode=score"), plane_distances, encoder=None)
+    assert between_settings(fast_cfg("target.mode=score"), off, request).forget_overshoot == 0.0
+    # the request's own overrides win, as over target.chain_overrides
+    own = dataclasses.replace(request, overrides={"forget_overshoot": 0.2})
+    assert between_settings(cfg, plan, own).forget_overshoot == 0.2
+    # settings that decide the plan, or no step setting at all, are refused
+    for bad, message in (("{neighbors: {top_k: 4}}", "decide the plan"), ("{forget_overshot: 1}", "forget_overshot")):
+        wrong = fast_cfg("target.mode=score", "target.between_overrides_margin=0.72", f"target.between_overrides={bad}")
+        with pytest.raises(ValueError, match=f"between_overrides.*{message}"):
+            between_settings(wrong, plan, request)
+
+
+def test_the_module_of_a_plan_with_a_neighbour_between_aims_past_its_target(tiny_pipeline_dir):
+    request = Request("circle", "object", neighbors=["ring"])
+    every = fast_cfg("target.mode=score", "target.between_overrides_margin=100")  # any target's ratio is under it
+    module, plan = build_module(tiny_pipeline_dir, request, every)
+    assert plan["targets"]["between_overrides"] == {"forget_overshoot": 0.5}
+    assert module.objectives["forget"].overshoot == 0.5
+    module, plan = build_module(tiny_pipeline_dir, request, fast_cfg("target.mode=score"))  # off: the default
+    assert "between_ratio" in plan["targets"] and "between_overrides" not in plan["targets"]
+    assert module.objectives["forget"].overshoot == 0.0
 
 
 def test_target_and_the_concepts_closest_to_it_join_the_neighbour_replay_with_protect():

@@ -208,7 +208,7 @@ def test_the_loop_tells_each_step_which_concepts_later_requests_will_forget(tmp_
     assert seen == [["dots", "triangle"]]
 
 
-def test_chain_overrides_come_from_the_command_line_and_are_checked_before_any_work():
+def test_chain_and_between_overrides_come_from_the_command_line_and_are_checked_before_any_work():
     def settings(*argv):
         return load_config("train", list(argv), sections=("step", "evaluate"))
 
@@ -220,3 +220,5 @@ def test_chain_overrides_come_from_the_command_line_and_are_checked_before_any_w
         loop.check_loop_settings(settings("step.target.chain_overrides={forget_overshot: 0.5}"))
     with pytest.raises(SystemExit, match="unknown setting"):  # only an empty-by-default mapping is free-form
         settings("step.target.reuse.x=1")
+    with pytest.raises(SystemExit, match=r"between_overrides: \['target'\] decide the plan"):
+        loop.check_loop_settings(settings("step.target.between_overrides.target.protect=1"))

@@ -244,6 +244,39 @@ def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]
     return merge_overrides(cfg, request)
 
 
+# Settings that decide the plan itself: `target.between_overrides` is merged after planning, so it may not hold them.
+PLANNING_SETTINGS = ("world", "seed", "forget_objective", "neighbors", "target", "score", "retain")
+
+
+def check_between_overrides(cfg: DictConfig) -> dict:
+    """`target.between_overrides` as a dict, refused when it names a setting that is not a step
+    setting or one that decides the plan (they would be ignored)."""
+    overrides = OmegaConf.to_container(cfg.target.between_overrides) if cfg.target.between_overrides else {}
+    planning = [k for k in overrides if k in PLANNING_SETTINGS]
+    if planning:
+        raise ValueError(
+            f"step.target.between_overrides: {planning} decide the plan, which is made before these settings apply; "
+            f"only training settings may be overridden (not {', '.join(PLANNING_SETTINGS)})"
+        )
+    merge_settings(cfg, overrides, "step.target.between_overrides")
+    return overrides
+
+
+def between_settings(cfg: DictConfig, plan: dict, request: Request) -> DictConfig:
+    """The step settings once the target is chosen: `target.between_overrides` merged in when a
+    protected neighbour lies between the concept and the target (the plan's `between_ratio` under
+    `target.between_overrides_margin`), recorded in the plan's targets as `between_overrides`; the
+    request's own `overrides` still win."""
+    ratio = plan["targets"].get("between_ratio")
+    if not cfg.target.between_overrides_margin > 0 or ratio is None or ratio >= cfg.target.between_overrides_margin:
+        return cfg
+    overrides = check_between_overrides(cfg)
+    plan["targets"]["between_overrides"] = overrides
+    print(f"[step] a protected neighbour lies between the concept and its target (between_ratio {ratio}): "
+          f"training with {overrides}", flush=True)
+    return merge_overrides(merge_settings(cfg, overrides, "step.target.between_overrides"), request)
+
+
 def build_module(
     teacher_dir, request: Request, cfg: DictConfig, forgotten_before=(), base_dir=None, forget_together=(), pending=()
 ) -> tuple[DistillForgetModule, dict]:
@@ -288,6 +321,8 @@ def build_module(
         f"prompts {plan['prompt_counts']}",
         flush=True,
     )
+    if not forget_together:
+        cfg = between_settings(cfg, plan, request)
     regs = cfg.regularizers
     wants_base = [regs.l1sp.reference, regs.l2sp.reference]
     if (cfg.lambda_r or cfg.lambda_n) and cfg.replay.retain_teacher != "previous":  # M_0 answers trained rows
