@@ -89,7 +89,7 @@ def _where_concepts_went(steps: list[dict]) -> str:
     rows = [s for s in steps if s.get("read_as")]
     if not rows:
         return ""
-    lines = ["| request | concept | mapped onto (forget prompts) | its images read as |", "|---|---|---|---|"]
+    lines = ["| request | concept | mapped onto (forget prompts) | its images read as (images) |", "|---|---|---|---|"]
     lines += [f"| {s['index']} | {s['concept']} | {format_counts(s.get('targets'))} | {format_counts(s['read_as'])} |"
               for s in rows]  # fmt: skip
     return (
