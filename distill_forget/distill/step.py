@@ -321,7 +321,7 @@ def build_module(
         f"prompts {plan['prompt_counts']}",
         flush=True,
     )
-    if not forget_together:
+    if not forget_together:  # the simultaneous setting pools several plans: no one target to judge
         cfg = between_settings(cfg, plan, request)
     regs = cfg.regularizers
     wants_base = [regs.l1sp.reference, regs.l2sp.reference]
