@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from distill_forget.metrics import quality_rise
-from distill_forget.report import format_counts
+from distill_forget.report import format_counts, request_readings
 from distill_forget.storage import atomic_file
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -89,7 +89,7 @@ class WandbReport:
         request = record["request"]
         row = {"request": record["index"], "concept": request["concept"], "kind": request["kind"],
                **metrics, "seconds": record["seconds"],
-               "read_as": format_counts((record.get("read_as") or {}).get(request["concept"]))}  # fmt: skip
+               "read_as": format_counts(request_readings(record))}  # fmt: skip
         self.rows.append([row.get(column) for column in TABLE_COLUMNS])
         if not log:
             return

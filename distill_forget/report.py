@@ -84,6 +84,12 @@ def format_counts(counts: dict | None) -> str:
     return ", ".join(f"{name or repr('')} {n}" for name, n in counts.items()) if counts else "-"
 
 
+def request_readings(record: dict) -> dict | None:
+    """What the judge read in the images of a ledger record's own concept after its request
+    (`read_as`); None for records before 12-04, which keep no readings."""
+    return (record.get("read_as") or {}).get(record["request"]["concept"])
+
+
 def _where_concepts_went(steps: list[dict]) -> str:
     """A table: each request's concept, the target it was mapped onto, what its images read as."""
     rows = [s for s in steps if s.get("read_as")]

@@ -26,13 +26,13 @@ from safetensors.torch import save_file
 from callbacks import WandbReport
 from distill_forget.config import load_config, resolve_model_dir
 from distill_forget.distributed import Ranks
-from distill_forget.distill.step import RECORD_FILE, check_between_overrides, run_step, save_student
+from distill_forget.distill.step import RECORD_FILE, run_step, save_student, with_between_overrides
 from distill_forget.evaluate import evaluate_pipeline, load_judge, retained_quality, save_grid_png
 from distill_forget.ledger import Ledger, LedgerError, step_dir, utc_now, weights_hash
 from distill_forget.merging import MERGE_METHODS, merge_states, unet_state
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device, unet_weight_files
-from distill_forget.report import format_counts, write_report
+from distill_forget.report import format_counts, request_readings, write_report
 from distill_forget.requests import RequestFileError, check_minicanvas, load_requests, merge_settings
 from distill_forget.storage import atomic_file, torch_load, torch_save, write_json
 
@@ -102,7 +102,7 @@ def check_loop_settings(cfg) -> None:
     chain = cfg.step.target.chain_overrides
     try:  # checked now, not when the sequence first reaches a chain
         merge_settings(cfg.step, OmegaConf.to_container(chain) if chain else {}, "step.target.chain_overrides")
-        check_between_overrides(cfg.step)
+        with_between_overrides(cfg.step)
     except ValueError as err:
         raise SystemExit(str(err)) from None
 
@@ -321,7 +321,7 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         record["read_as"] = {c: result["per_concept"][c]["read_as"] for c in result["forgotten"]}
         shown = {k: result["metrics"][k] for k in ("ua", "ira", "cra", "nra", "quality")}
         print(f"[{index}/{len(requests)}] {request.concept!r} done in {seconds:.0f} s; metrics {shown}; its images "
-              f"read as {format_counts(record['read_as'].get(request.concept, {}))}", flush=True)  # fmt: skip
+              f"read as {format_counts(request_readings(record))}", flush=True)  # fmt: skip
     return record
 
 
@@ -372,7 +372,7 @@ def report_row(record: dict) -> dict:
         "checkpoint": record["checkpoint"],
         "output_hash": record["output_hash"],
         "targets": dict(record["targets"].get("counts", {})),
-        "read_as": record.get("read_as", {}).get(record["request"]["concept"]),  # records before 12-04 have none
+        "read_as": request_readings(record),
     }
 
 

@@ -90,11 +90,10 @@ def plan_prompts(
         cfg.neighbors.mode, concept_text, pool, cfg.neighbors.top_k, request.neighbors, distances, encoder
     )
     neighbor_prompts = {}  # the protected neighbours' prompts, to see which lie between the concept and a target
-    if cfg.world == "minicanvas":
-        neighbor_prompts = {n: concept_prompt(n, concepts.kind_of(n)) for n in neighbors}
     between = {}  # target candidates left out (`target.between_margin`): {candidate: the neighbours between}
 
     if cfg.world == "minicanvas":
+        neighbor_prompts = {n: concept_prompt(n, concepts.kind_of(n)) for n in neighbors}
         replayable = replayable_concepts(cfg.retain.replay_fraction, cfg.seed)
         retained = [c for c in concepts.OBJECTS + concepts.STYLES if c not in gone]
         retain_replayed = [c for c in retained if (c in replayable or c in earlier_neighbors) and c not in neighbors]
@@ -248,9 +247,9 @@ def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]
 PLANNING_SETTINGS = ("world", "seed", "forget_objective", "neighbors", "target", "score", "retain")
 
 
-def check_between_overrides(cfg: DictConfig) -> dict:
-    """`target.between_overrides` as a dict, refused when it names a setting that is not a step
-    setting or one that decides the plan (they would be ignored)."""
+def with_between_overrides(cfg: DictConfig) -> DictConfig:
+    """`cfg` with `target.between_overrides` merged in; refused when they name a setting that is not
+    a step setting or one that decides the plan (it would be ignored)."""
     overrides = OmegaConf.to_container(cfg.target.between_overrides) if cfg.target.between_overrides else {}
     planning = [k for k in overrides if k in PLANNING_SETTINGS]
     if planning:
@@ -258,8 +257,7 @@ def check_between_overrides(cfg: DictConfig) -> dict:
             f"step.target.between_overrides: {planning} decide the plan, which is made before these settings apply; "
             f"only training settings may be overridden (not {', '.join(PLANNING_SETTINGS)})"
         )
-    merge_settings(cfg, overrides, "step.target.between_overrides")
-    return overrides
+    return merge_settings(cfg, overrides, "step.target.between_overrides")
 
 
 def between_settings(cfg: DictConfig, plan: dict, request: Request) -> DictConfig:
@@ -270,11 +268,12 @@ def between_settings(cfg: DictConfig, plan: dict, request: Request) -> DictConfi
     ratio = plan["targets"].get("between_ratio")
     if not cfg.target.between_overrides_margin > 0 or ratio is None or ratio >= cfg.target.between_overrides_margin:
         return cfg
-    overrides = check_between_overrides(cfg)
+    trained = with_between_overrides(cfg)
+    overrides = OmegaConf.to_container(cfg.target.between_overrides) if cfg.target.between_overrides else {}
     plan["targets"]["between_overrides"] = overrides
     print(f"[step] a protected neighbour lies between the concept and its target (between_ratio {ratio}): "
           f"training with {overrides}", flush=True)
-    return merge_overrides(merge_settings(cfg, overrides, "step.target.between_overrides"), request)
+    return merge_overrides(trained, request)
 
 
 def build_module(
