@@ -90,13 +90,28 @@ def request_readings(record: dict) -> dict | None:
     return (record.get("read_as") or {}).get(record["request"]["concept"])
 
 
+def checked_targets(check: dict | None) -> str:
+    """The loop's check of a request (`check.retries`) in words: "; tried: mosaic (UA -11.1)", naming
+    each attempt not kept with the points it fell under the bars; the kept one too if it broke any."""
+    if not check:
+        return ""
+
+    def broken(attempt: dict) -> str:
+        return ", ".join(f"{k.upper()} -{v}" for k, v in attempt["check"]["broken"].items())
+
+    kept = check["attempts"][check["kept"]]
+    tried = [f"{a['target']} ({broken(a)})" for k, a in enumerate(check["attempts"]) if k != check["kept"]]
+    return (f"; tried: {', '.join(tried)}" if tried else "") + (f"; kept under the bars ({broken(kept)})" if broken(kept) else "")
+
+
 def _where_concepts_went(steps: list[dict]) -> str:
     """A table: each request's concept, the target it was mapped onto, what its images read as."""
     rows = [s for s in steps if s.get("read_as")]
     if not rows:
         return ""
     lines = ["| request | concept | mapped onto (forget prompts) | its images read as (images) |", "|---|---|---|---|"]
-    lines += [f"| {s['index']} | {s['concept']} | {format_counts(s.get('targets'))} | {format_counts(s['read_as'])} |"
+    lines += [f"| {s['index']} | {s['concept']} | {format_counts(s.get('targets'))}{checked_targets(s.get('check'))} "
+              f"| {format_counts(s['read_as'])} |"
               for s in rows]  # fmt: skip
     return (
         "Where each request's concept went: what the judge reads in its images right after the request. "

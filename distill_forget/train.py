@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from callbacks import WandbReport
+from distill_forget.check import check_settings, evaluate_base_check, train_checked
 from distill_forget.config import load_config, resolve_model_dir
 from distill_forget.distributed import Ranks
 from distill_forget.distill.step import RECORD_FILE, run_step, save_student, with_between_overrides
@@ -105,6 +106,7 @@ def check_loop_settings(cfg) -> None:
         with_between_overrides(cfg.step)
     except ValueError as err:
         raise SystemExit(str(err)) from None
+    check_settings(cfg)
 
 
 def evaluation_for(records_so_far: list[dict], setting: str = "sequential") -> dict:
@@ -194,6 +196,9 @@ def main(argv=None) -> None:
         say("[base] evaluating the starting model", flush=True)
         base_sets = {"forgotten": [], "replayed": None}
         evaluate_step(model_dir, judge, cfg, base_sets, run_dir / "base", device, keep_images=True, ranks=ranks)
+    if cfg.check.retries and ranks.broadcast(not (run_dir / "base" / "check.json").exists()):
+        say(f"[base] the starting model on the check seeds {list(cfg.check.seeds)}", flush=True)
+        evaluate_base_check(model_dir, judge, cfg, run_dir / "base" / "check.json", device, ranks)
     ranks.barrier()
     base = load_base(run_dir)
 
@@ -263,26 +268,36 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         earlier = as_carried_out(folder.parent.parent, earlier)
     merging = cfg.merge.method != "none"  # the student is then one of the models merged into pipeline_dir
     student_dir = folder / "independent" if merging else pipeline_dir
-    step_record = trained_before(student_dir, request, teacher_dir)
-    trained_earlier = 0.0  # seconds an earlier, killed run of this request spent making the student kept
-    if step_record is not None:  # killed after the student was saved (its checkpoints are gone), before its record
+    step_kwargs = {
+        "base_dir": model_dir,
+        "logger": report.logger if report is not None else None,
+        "forgotten_before": earlier if cfg.setting == "sequential" else (),
+        "forget_together": earlier if cfg.setting == "simultaneous" else (),
+        "pending": [r.concept for r in requests[index:]] if cfg.setting == "sequential" else (),
+    }
+    checked = None  # the check's attempts (`check.retries`)
+    trained_earlier = 0.0  # seconds spent before t0 on the student kept: by an earlier, killed run, or the check's attempts
+    if cfg.check.retries:
+        say = print if ranks.is_main else lambda *args, **kwargs: None
+        step_record, checked, trained_earlier = train_checked(
+            cfg, request, teacher_dir, folder, judge, device, ranks, lambda attempt: evaluation_for([*records, attempt]),
+            step_kwargs, lambda student: trained_before(student, request, teacher_dir), say,
+        )  # fmt: skip
+        t0 = time.time()
+    elif (step_record := trained_before(student_dir, request, teacher_dir)) is not None:
+        # killed after the student was saved (its checkpoints are gone), before its record
         if ranks.is_main:
             print(f"[{index}/{len(requests)}] {request.concept!r}: trained before the run stopped; its student is kept",
                   flush=True)  # fmt: skip
         trained_earlier = step_record["seconds"]["total"]
     else:
-        step_record = run_step(
-            teacher_dir, request, cfg.step, student_dir, checkpoint_dir=folder / "checkpoints", base_dir=model_dir,
-            logger=report.logger if report is not None else None,
-            forgotten_before=earlier if cfg.setting == "sequential" else (),
-            forget_together=earlier if cfg.setting == "simultaneous" else (),
-            pending=[r.concept for r in requests[index:]] if cfg.setting == "sequential" else (),
-        )  # fmt: skip
+        step_record = run_step(teacher_dir, request, cfg.step, student_dir, checkpoint_dir=folder / "checkpoints",
+                               **step_kwargs)  # fmt: skip
     if merging and ranks.is_main:
         students = [step_dir(folder.parent.parent, k, r.concept) / "independent" for k, r in enumerate(requests[:index], 1)]
         merged = merge_students(cfg.merge, Path(model_dir), students, pipeline_dir)
     ranks.barrier()
-    seconds = round(time.time() - t0 + trained_earlier, 1)  # the request's cost, evaluation excluded
+    seconds = round(time.time() - t0 + trained_earlier, 1)  # the request's cost (the check's included), evaluation excluded
     if not ranks.is_main:  # the others only draw their share of the evaluation's images
         if cfg.evaluate_every_step:
             evaluate_step(pipeline_dir, judge, cfg, {"forgotten": [], "replayed": None}, folder, device, ranks=ranks)
@@ -310,6 +325,8 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
     }
     if merging:
         record["merge"] = {**merged["merge"], "independent_hash": weights_hash(student_dir)}
+    if checked is not None:
+        record["check"] = checked
     if cfg.evaluate_every_step:
         sets = evaluation_for([*records, record], "merged" if merging else cfg.setting)
         result = evaluate_step(pipeline_dir, judge, cfg, sets, folder, device, ranks=ranks)
@@ -373,6 +390,7 @@ def report_row(record: dict) -> dict:
         "output_hash": record["output_hash"],
         "targets": dict(record["targets"].get("counts", {})),
         "read_as": request_readings(record),
+        "check": record.get("check"),
     }
 
 

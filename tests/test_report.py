@@ -76,6 +76,20 @@ def test_report_md_says_where_each_concept_went(written):
     assert "| 2 | circle |" not in text  # a step without readings (an older ledger record) has no row
 
 
+def test_the_where_table_names_the_targets_the_loops_check_tried(tmp_path):
+    def attempt(target, broken):
+        return {"target": target, "check": {"broken": broken, "holds": not broken}}
+
+    retried = {**STEPS[0], "targets": {"pastel color": 27},
+               "check": {"kept": 1, "attempts": [attempt("mosaic", {"ua": 11.7}), attempt("pastel color", {})]}}  # fmt: skip
+    unheld = {**STEPS[0], "index": 2, "concept": "star", "targets": {"cross": 31}, "read_as": {"cross": 36},
+              "check": {"kept": 0, "attempts": [attempt("cross", {"ua": 0.6}), attempt("heart", {"ira": 3.0})]}}  # fmt: skip
+    write_report(tmp_path, BASE, [retried, unheld])
+    text = (tmp_path / "report.md").read_text()
+    assert "| 1 | dots | pastel color 27; tried: mosaic (UA -11.7) | checkerboard 27, dots 9 |" in text
+    assert "| 2 | star | cross 31; tried: heart (IRA -3.0); kept under the bars (UA -0.6) | cross 36 |" in text
+
+
 def test_the_plots_are_valid_pngs(written):
     run_dir, paths = written
     for name in ("metrics.png", "cost.png"):

@@ -509,6 +509,17 @@ def test_targets_of_earlier_requests_are_no_candidates_unless_reuse():
     assert list(plan["targets"]["counts"]) == ["ring"]
 
 
+def test_excluded_concepts_are_no_candidates_and_excluding_every_one_is_refused():
+    request = Request("cross", "object", neighbors=["plus sign"])
+    _, plan = plan_prompts(request, [], fast_cfg("target.mode=score", "target.exclude=[ring]"), plane_distances, None)
+    assert list(plan["targets"]["counts"]) == ["triangle"] and "ring" not in plan["targets"]["candidates"]
+    own = dataclasses.replace(request, targets=["ring", "heart"])  # a request's own candidates too
+    _, plan = plan_prompts(own, [], fast_cfg("target.mode=score", "target.exclude=[ring]"), plane_distances, None)
+    assert plan["targets"]["candidates"] == ["heart"]
+    with pytest.raises(ValueError, match=r"target.exclude \['ring', 'heart'\] leaves no target candidate for 'cross'"):
+        plan_prompts(own, [], fast_cfg("target.mode=score", "target.exclude=[ring,heart]"), plane_distances, None)
+
+
 def test_concepts_later_requests_will_forget_are_no_candidates():
     def distances(_prompt, sentences):  # `triangle` is closest to `cross`, then `crescent`
         return torch.tensor([0.0 if "triangle" in s else 1.0 if "crescent" in s else 2.0 for s in sentences])

@@ -126,6 +126,7 @@ def plan_prompts(
             between = neighbors_between(concept_text, {c: concept_prompt(c, request.kind) for c in candidates},
                                         neighbor_prompts, distances, cfg.target.between_margin)  # fmt: skip
             candidates = [c for c in candidates if c not in between] or candidates
+        candidates = without_excluded(candidates, cfg.target.exclude, request)
     else:
         if not request.prompts:
             where = request.where or repr(request.concept)
@@ -138,7 +139,7 @@ def plan_prompts(
             return [(n, replace_concept(p, request.concept, n)) for n in names for p in forget]
 
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
-        candidates = request.targets or [""]
+        candidates = without_excluded(request.targets or [""], cfg.target.exclude, request)
         retain_replayed = []
         retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
 
@@ -206,6 +207,15 @@ def plan_prompts(
                           "neighbor_touched": sum(neighbor_touched)},  # fmt: skip
     }
     return groups, record
+
+
+def without_excluded(candidates: list[str], excluded, request: Request) -> list[str]:
+    """`candidates` less `target.exclude`; refused when none is left."""
+    kept = [c for c in candidates if c not in set(excluded or ())]
+    if not kept:
+        raise ValueError(f"step.target.exclude {list(excluded)} leaves no target candidate for {request.concept!r} "
+                         f"(candidates: {candidates})")
+    return kept
 
 
 def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encoder: PromptEncoder):
