@@ -40,7 +40,8 @@ def check_settings(cfg) -> None:
         raise SystemExit("check.retries needs setting=sequential and step.world=minicanvas (the judge's grid)")
     if not check.seeds or set(check.seeds) & set(cfg.evaluate.seeds):
         raise SystemExit(f"check.seeds {list(check.seeds)} must be given and share none of evaluate.seeds "
-                         f"{list(cfg.evaluate.seeds)}: the check would select on the reported evaluation's images")  # fmt: skip
+                         f"{list(cfg.evaluate.seeds)}: the check would select on the reported evaluation's "
+                         "images")  # fmt: skip
     unknown = set(check.bars) - set(CHECKED)
     if unknown:
         raise SystemExit(f"check.bars: {sorted(unknown)} are not checked (only {', '.join(CHECKED)})")
@@ -59,20 +60,20 @@ def evaluate_base_check(model_dir: Path, judge, cfg, path: Path, device, ranks) 
         write_json(path, {"seeds": list(cfg.check.seeds), "judged": result["judged"]})
 
 
-def broken_bars(metrics: dict, base: dict, bars) -> dict[str, float]:
-    """{metric: how many points it is under its bar} for the bars `metrics` breaks.
+def against_bars(metrics: dict, base: dict) -> dict[str, float]:
+    """What the bars compare: UA as it is; IRA, CRA and NRA as % of the base model's value on the
+    same images. Metrics not measured (None, or a base value of 0) are left out."""
+    reached = {}
+    for name, value in metrics.items():
+        if value is not None and (name == "ua" or base.get(name)):
+            reached[name] = round(value if name == "ua" else 100.0 * value / base[name], 2)
+    return reached
 
-    UA is compared as it is; IRA, CRA and NRA as % of the base model's value on the same images.
-    """
-    broken = {}
-    for name, bar in bars.items():
-        value, reference = metrics.get(name), base.get(name)
-        if value is None or (name != "ua" and not reference):
-            continue
-        reached = value if name == "ua" else 100.0 * value / reference
-        if reached < bar:
-            broken[name] = round(bar - reached, 2)
-    return broken
+
+def broken_bars(metrics: dict, base: dict, bars) -> dict[str, float]:
+    """{metric: how many points it is under its bar} for the bars `metrics` breaks (`against_bars`)."""
+    reached = against_bars(metrics, base)
+    return {name: round(bar - value, 2) for name, bar in bars.items() if (value := reached.get(name, bar)) < bar}
 
 
 def check_student(student_dir: Path, judge, cfg, sets: dict, base_judged: list, device, ranks) -> dict | None:
@@ -84,10 +85,12 @@ def check_student(student_dir: Path, judge, cfg, sets: dict, base_judged: list, 
         return None
     base = compute_metrics(base_judged, judge.domains, sets["forgotten"], result["neighbors"], sets["replayed"])
     metrics = {k: result["metrics"][k] for k in CHECKED}
-    broken = broken_bars(metrics, base["metrics"], cfg.check.bars)
+    base_metrics = {k: base["metrics"][k] for k in CHECKED}
+    broken = broken_bars(metrics, base_metrics, cfg.check.bars)
     return {
         "metrics": metrics,
-        "base_metrics": {k: base["metrics"][k] for k in CHECKED},
+        "base_metrics": base_metrics,
+        "against_bars": against_bars(metrics, base_metrics),
         "broken": broken,
         "holds": not broken,
         "seconds": round(time.time() - started, 1),
@@ -158,9 +161,11 @@ def train_checked(cfg, request, teacher_dir, folder: Path, judge, device, ranks,
         if ranks.is_main:
             write_json(attempts_dir / f"{k}.json", attempt)
         attempts.append(attempt)
-        verdict = "holds" if attempt["check"]["holds"] else f"breaks {attempt['check']['broken']} (points under the bars)"
-        say(f"[check] {request.concept!r} onto {target!r}: {attempt['check']['metrics']} on the check seeds; {verdict}",
-            flush=True)  # fmt: skip
+        check = attempt["check"]
+        verdict = "holds" if check["holds"] else f"breaks {check['broken']} (points under the bars)"
+        reached = [str(check["against_bars"].get(k)) for k in CHECKED]
+        say(f"[check] {request.concept!r} onto {target!r}, on the check seeds: UA {reached[0]}, IRA / CRA / NRA "
+            f"{' / '.join(reached[1:])} % of base; {verdict}", flush=True)  # fmt: skip
     if ranks.is_main:
         for k in range(len(attempts)):  # the attempts not kept (the kept one is renamed)
             shutil.rmtree(attempts_dir / str(k), ignore_errors=True)

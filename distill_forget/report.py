@@ -101,7 +101,8 @@ def checked_targets(check: dict | None) -> str:
 
     kept = check["attempts"][check["kept"]]
     tried = [f"{a['target']} ({broken(a)})" for k, a in enumerate(check["attempts"]) if k != check["kept"]]
-    return (f"; tried: {', '.join(tried)}" if tried else "") + (f"; kept under the bars ({broken(kept)})" if broken(kept) else "")
+    under = f"; kept under the bars ({broken(kept)})" if broken(kept) else ""
+    return (f"; tried: {', '.join(tried)}" if tried else "") + under
 
 
 def _where_concepts_went(steps: list[dict]) -> str:

@@ -276,12 +276,13 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         "pending": [r.concept for r in requests[index:]] if cfg.setting == "sequential" else (),
     }
     checked = None  # the check's attempts (`check.retries`)
-    trained_earlier = 0.0  # seconds spent before t0 on the student kept: by an earlier, killed run, or the check's attempts
+    trained_earlier = 0.0  # seconds spent before t0: by an earlier, killed run, or on the check's attempts
     if cfg.check.retries:
         say = print if ranks.is_main else lambda *args, **kwargs: None
         step_record, checked, trained_earlier = train_checked(
-            cfg, request, teacher_dir, folder, judge, device, ranks, lambda attempt: evaluation_for([*records, attempt]),
-            step_kwargs, lambda student: trained_before(student, request, teacher_dir), say,
+            cfg, request, teacher_dir, folder, judge, device, ranks,
+            lambda attempt: evaluation_for([*records, attempt]), step_kwargs,
+            lambda student: trained_before(student, request, teacher_dir), say,
         )  # fmt: skip
         t0 = time.time()
     elif (step_record := trained_before(student_dir, request, teacher_dir)) is not None:
@@ -297,7 +298,7 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         students = [step_dir(folder.parent.parent, k, r.concept) / "independent" for k, r in enumerate(requests[:index], 1)]
         merged = merge_students(cfg.merge, Path(model_dir), students, pipeline_dir)
     ranks.barrier()
-    seconds = round(time.time() - t0 + trained_earlier, 1)  # the request's cost (the check's included), evaluation excluded
+    seconds = round(time.time() - t0 + trained_earlier, 1)  # the request's cost with its checks, without evaluation
     if not ranks.is_main:  # the others only draw their share of the evaluation's images
         if cfg.evaluate_every_step:
             evaluate_step(pipeline_dir, judge, cfg, {"forgotten": [], "replayed": None}, folder, device, ranks=ranks)

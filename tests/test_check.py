@@ -3,21 +3,24 @@
 import json
 
 import pytest
+from test_train import FAST, finish, kill_when, train
 
-from distill_forget.check import broken_bars, check_settings, decided, kept_attempt
+from distill_forget.check import against_bars, broken_bars, check_settings, decided, kept_attempt
 from distill_forget.config import load_config
 from distill_forget.ledger import Ledger
-from test_train import FAST, finish, kill_when, train
 
 BARS = {"ua": 95.0, "ira": 95.0, "cra": 95.0, "nra": 90.0}
 
 
 def test_bars_compare_ua_as_it_is_and_the_retention_metrics_relative_to_the_base_model():
     base = {"ua": 0.0, "ira": 80.0, "cra": 90.0, "nra": 60.0}
-    assert broken_bars({"ua": 97.0, "ira": 76.0, "cra": 86.4, "nra": 54.0}, base, BARS) == {}  # 95 %, 96 %, 90 % of base
+    reached = against_bars({"ua": 97.0, "ira": 76.0, "cra": 86.4, "nra": None}, base)
+    assert reached == {"ua": 97.0, "ira": 95.0, "cra": 96.0}  # NRA unmeasured
+    assert broken_bars({"ua": 97.0, "ira": 76.0, "cra": 86.4, "nra": 54.0}, base, BARS) == {}  # 95, 96, 90 % of base
     broken = broken_bars({"ua": 94.0, "ira": 75.2, "cra": 90.0, "nra": 53.4}, base, BARS)
     assert broken == {"ua": 1.0, "ira": 1.0, "nra": 1.0}  # 94 %; 94 % and 89 % of base
-    assert broken_bars({"ua": None, "ira": 10.0, "cra": 90.0, "nra": None}, {**base, "ira": 0.0}, BARS) == {}  # unmeasured
+    unmeasured = {"ua": None, "ira": 10.0, "cra": 90.0, "nra": None}
+    assert broken_bars(unmeasured, {**base, "ira": 0.0}, BARS) == {}
 
 
 def attempt(target, broken):
@@ -26,7 +29,8 @@ def attempt(target, broken):
 
 def test_the_first_attempt_that_holds_is_kept_else_the_one_least_under_the_bars():
     assert kept_attempt([attempt("a", {"ua": 5.0}), attempt("b", {}), attempt("c", {})]) == 1
-    assert kept_attempt([attempt("a", {"ua": 5.0}), attempt("b", {"ira": 2.0, "nra": 4.0}), attempt("c", {"ua": 3.0})]) == 2
+    none_holds = [attempt("a", {"ua": 5.0}), attempt("b", {"ira": 2.0, "nra": 4.0}), attempt("c", {"ua": 3.0})]
+    assert kept_attempt(none_holds) == 2
     assert kept_attempt([attempt("a", {"ua": 1.0}), attempt("b", {"ua": 1.0})]) == 0  # equals: the first
 
 
@@ -68,7 +72,8 @@ def test_a_request_that_breaks_a_bar_is_retrained_without_its_target_and_a_kille
     kill_when(train(args), lambda: (folder / "attempts" / "0.json").exists()
               and (folder / "checkpoints" / "1" / "last.ckpt").exists())  # fmt: skip
     first = json.loads((folder / "attempts" / "0.json").read_text())
-    assert first["check"]["broken"] == {"ira": 1.0} and first["target"] not in first["others"]
+    assert first["check"]["against_bars"]["ira"] == 100.0 and first["check"]["broken"] == {"ira": 1.0}
+    assert first["target"] not in first["others"]
     out = finish(args)
     assert f"[check] 'dots': attempt 2, without the targets ['{first['target']}']" in out
     assert "resuming 'dots' from" in out  # the retry goes on from its checkpoint
