@@ -30,6 +30,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from distill_forget.report import checked_targets
+
 LEDGER_NAME = "ledger.jsonl"
 GENESIS = "0" * 64  # prev_hash of the first record
 REQUIRED_FIELDS = (
@@ -268,15 +270,17 @@ def format_table(records: list[dict]) -> str:
     def cell(value):
         return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
 
-    header = ("#", "concept", "kind", "finished", "UA", "IRA", "CRA", "NRA", "output hash")
+    header = ("#", "concept", "kind", "finished", "UA", "IRA", "CRA", "NRA", "output hash", "mapped onto")
     rows = [header]
     for record in records:
         request, metrics = record.get("request") or {}, record.get("metrics") or {}
+        targets = record.get("targets") or {}  # a loop record: {"counts": {target: prompts}, ...}
+        targets = ", ".join(targets.get("counts") or {} if isinstance(targets, dict) else map(str, targets)) or "-"
         rows.append(
             (
                 cell(record.get("index")), cell(request.get("concept")), cell(request.get("kind")),
                 cell(record.get("finished")), *(cell(metrics.get(key)) for key in ("ua", "ira", "cra", "nra")),
-                str(record.get("output_hash", "-"))[:12],
+                str(record.get("output_hash", "-"))[:12], targets + checked_targets(record.get("check")),
             )
         )  # fmt: skip
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]

@@ -240,3 +240,17 @@ def test_the_checkpoint_field_says_where_the_weights_are(tmp_path):
     assert run_command(tmp_path / "run").returncode == 0
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"other")
     assert "do not match ledger record 1" in run_command(tmp_path / "run").stderr
+
+
+def test_the_printed_ledger_names_each_target_and_the_targets_the_check_tried():
+    from distill_forget.ledger import format_table
+
+    checked = {"kept": 1, "attempts": [{"target": "mosaic", "check": {"broken": {"ua": 5.56}}},
+                                       {"target": "flat color", "check": {"broken": {}}}]}  # fmt: skip
+    records = [
+        {"index": 1, "request": {"concept": "dots"}, "targets": {"counts": {"flat color": 27}}, "check": checked},
+        {"index": 2, "request": {"concept": "star"}, "targets": {"counts": {}}},  # ESD: no target
+    ]
+    first, second = format_table(records).splitlines()[1:]
+    assert first.endswith("flat color; tried: mosaic (UA -5.56)")
+    assert second.endswith(" -")
