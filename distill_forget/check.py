@@ -135,6 +135,7 @@ def train_checked(cfg, request, teacher_dir, folder: Path, judge, device, ranks,
     the attempts took, training and checks).
     """
     pipeline_dir, attempts_dir = folder / "pipeline", folder / "attempts"
+    base_judged = json.loads((folder.parent.parent / "base" / "check.json").read_text())["judged"]
     attempts = finished_attempts(attempts_dir)
     while trained_before(pipeline_dir) is None:
         if attempts and decided(attempts, cfg.check.retries):
@@ -153,17 +154,16 @@ def train_checked(cfg, request, teacher_dir, folder: Path, judge, device, ranks,
             step_record = run_step(teacher_dir, request, step_cfg, student_dir,
                                    checkpoint_dir=folder / "checkpoints" / str(k), **run_step_kwargs)  # fmt: skip
         target = attempt_target(step_record)
-        base_judged = json.loads((folder.parent.parent / "base" / "check.json").read_text())["judged"]
         check = check_student(student_dir, judge, cfg, sets_for(step_record), base_judged, device, ranks)
+        check = ranks.broadcast(check)  # rank 0's; the others drew their share of the images
         others = [c for c in step_record["targets"].get("candidates", []) if c not in {*excluded, target}]
-        attempt = {"target": target, "others": others if target else [], "check": ranks.broadcast(check),
+        attempt = {"target": target, "others": others if target else [], "check": check,
                    "seconds": step_record["seconds"]["total"]}  # fmt: skip
         if ranks.is_main:
             write_json(attempts_dir / f"{k}.json", attempt)
         attempts.append(attempt)
-        check = attempt["check"]
         verdict = "holds" if check["holds"] else f"breaks {check['broken']} (points under the bars)"
-        reached = [str(check["against_bars"].get(k)) for k in CHECKED]
+        reached = [str(check["against_bars"].get(name)) for name in CHECKED]
         say(f"[check] {request.concept!r} onto {target!r}, on the check seeds: UA {reached[0]}, IRA / CRA / NRA "
             f"{' / '.join(reached[1:])} % of base; {verdict}", flush=True)  # fmt: skip
     if ranks.is_main:
