@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from distill_forget.distill.step import run_step
+from distill_forget.distill.targets import main_target
 from distill_forget.evaluate import evaluate_pipeline
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline
@@ -97,12 +98,6 @@ def check_student(student_dir: Path, judge, cfg, sets: dict, base_judged: list, 
     }
 
 
-def attempt_target(step_record: dict) -> str | None:
-    """The concept an attempt's plan mapped the request onto (the one most forget prompts go to)."""
-    counts = step_record["targets"].get("counts", {})
-    return max(counts, key=counts.get) if counts else None
-
-
 def kept_attempt(attempts: list[dict]) -> int:
     """The first attempt that holds, else the one with the least summed shortfall (the first of equals)."""
     held = [k for k, a in enumerate(attempts) if a["check"]["holds"]]
@@ -153,7 +148,7 @@ def train_checked(cfg, request, teacher_dir, folder: Path, judge, device, ranks,
                 say(f"[check] {request.concept!r}: attempt {k + 1}, without the targets {excluded}", flush=True)
             step_record = run_step(teacher_dir, request, step_cfg, student_dir,
                                    checkpoint_dir=folder / "checkpoints" / str(k), **run_step_kwargs)  # fmt: skip
-        target = attempt_target(step_record)
+        target = main_target(step_record["targets"].get("counts", {}))
         check = check_student(student_dir, judge, cfg, sets_for(step_record), base_judged, device, ranks)
         check = ranks.broadcast(check)  # rank 0's; the others drew their share of the images
         others = [c for c in step_record["targets"].get("candidates", []) if c not in {*excluded, target}]

@@ -99,9 +99,9 @@ def checked_targets(check: dict | None) -> str:
     def broken(attempt: dict) -> str:
         return ", ".join(f"{k.upper()} -{v}" for k, v in attempt["check"]["broken"].items())
 
-    kept = check["attempts"][check["kept"]]
+    kept_broken = broken(check["attempts"][check["kept"]])
     tried = [f"{a['target']} ({broken(a)})" for k, a in enumerate(check["attempts"]) if k != check["kept"]]
-    under = f"; kept under the bars ({broken(kept)})" if broken(kept) else ""
+    under = f"; kept under the bars ({kept_broken})" if kept_broken else ""
     return (f"; tried: {', '.join(tried)}" if tried else "") + under
 
 

@@ -43,6 +43,7 @@ from distill_forget.distill.targets import (
     between_ratios,
     choose_neighbors,
     choose_targets,
+    main_target,
     neighbors_between,
 )
 from distill_forget.merging import merge_states
@@ -156,7 +157,7 @@ def plan_prompts(
     mapped = [replace_concept(p, request.concept, t) for p, t in zip(forget, targets)]
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
     counts = target_record["counts"]
-    target = max(counts, key=counts.get) if counts else ""  # the one most forget prompts are mapped onto
+    target = main_target(counts) or ""
     if neighbor_prompts and cfg.target.mode == "score" and target:
         # how far the protected neighbours lie between the concept and the target (`target.between_margin`)
         ratios = between_ratios(concept_text, concept_prompt(target, request.kind), neighbor_prompts, distances)
@@ -257,10 +258,15 @@ def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]
 PLANNING_SETTINGS = ("world", "seed", "forget_objective", "neighbors", "target", "score", "retain")
 
 
+def between_overrides(cfg: DictConfig) -> dict:
+    """`target.between_overrides` as a dict ({} for null)."""
+    return OmegaConf.to_container(cfg.target.between_overrides) if cfg.target.between_overrides else {}
+
+
 def with_between_overrides(cfg: DictConfig) -> DictConfig:
     """`cfg` with `target.between_overrides` merged in; refused when they name a setting that is not
     a step setting or one that decides the plan (it would be ignored)."""
-    overrides = OmegaConf.to_container(cfg.target.between_overrides) if cfg.target.between_overrides else {}
+    overrides = between_overrides(cfg)
     planning = [k for k in overrides if k in PLANNING_SETTINGS]
     if planning:
         raise ValueError(
@@ -279,7 +285,7 @@ def between_settings(cfg: DictConfig, plan: dict, request: Request) -> DictConfi
     if not cfg.target.between_overrides_margin > 0 or ratio is None or ratio >= cfg.target.between_overrides_margin:
         return cfg
     trained = with_between_overrides(cfg)
-    overrides = OmegaConf.to_container(cfg.target.between_overrides) if cfg.target.between_overrides else {}
+    overrides = between_overrides(cfg)
     plan["targets"]["between_overrides"] = overrides
     print(f"[step] a protected neighbour lies between the concept and its target (between_ratio {ratio}): "
           f"training with {overrides}", flush=True)

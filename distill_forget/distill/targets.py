@@ -131,6 +131,11 @@ def choose_targets(
     return targets, record
 
 
+def main_target(counts: dict[str, int]) -> str | None:
+    """The target most forget prompts are mapped onto (a plan's `targets.counts`); None without one (ESD)."""
+    return max(counts, key=counts.get) if counts else None
+
+
 def between_ratios(concept_text: str, candidate_text: str, neighbors: dict[str, str], distances) -> dict[str, float]:
     """{neighbour: max(d(concept, n), d(candidate, n)) / d(concept, candidate)} for `neighbors` (name -> prompt).
 
