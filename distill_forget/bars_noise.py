@@ -1,0 +1,193 @@
+"""How much the bars' figures move by chance: a run's steps read again on more seeds.
+
+    python -m distill_forget.bars_noise RUN [--seeds 12] [--steps 01-dots 05-neon ...] [--judge SPEC]
+
+The loop reads UA, IRA, CRA and NRA from one image per (object, style, seed) under the evaluation
+seeds: 36 images of each concept with three seeds. One student reads differently on other seeds,
+so a figure near its bar holds or breaks partly by draw. This reads the base model and each step
+of RUN under `--seeds` seeds in all: the evaluation's own (their judgements are reused from the
+step's `metrics.json`), then the first integers after every seed the run used, the check's
+included (the check chose the kept attempt on its seeds, so they would not be a fresh draw).
+Every model's judgements are kept in RUN/bars_noise/<name>.json, written whole, and a rerun reuses
+them. For each step and bar it gives the figure over disjoint groups of the evaluation's size
+(the first group is the loop's own reading; their spread is the noise of one reading) and over
+all the seeds pooled (`--seeds` / 3 times the images, the steadier figure), against the bars of
+`check.bars` in the run's config. Results: RUN/bars_noise/bars_noise.json and bars_noise.md.
+
+The quality figure's noise is `python -m distill_forget.quality_noise`'s.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from distill_forget.check import CHECKED, against_bars
+from distill_forget.config import read_config, resolve_model_dir
+from distill_forget.evaluate import generate, grid_prompts, judge_images, load_judge
+from distill_forget.metrics import compute_metrics
+from distill_forget.pipelines import load_pipeline, pick_device
+from distill_forget.storage import atomic_file, write_json
+
+
+def study_seeds(run_cfg, count: int) -> list[int]:
+    """The evaluation seeds, then the first integers after every seed the run used (evaluation and check)."""
+    evaluation = [int(s) for s in run_cfg.evaluate.seeds]
+    if count < len(evaluation) or count % len(evaluation):
+        raise ValueError(f"--seeds {count}: give a multiple of the evaluation's {len(evaluation)} seeds")
+    used = evaluation + [int(s) for s in run_cfg.check.seeds]
+    start = max(used) + 1
+    return evaluation + list(range(start, start + count - len(evaluation)))
+
+
+def read_cache(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text())["judged"]
+    except (ValueError, KeyError) as error:
+        raise SystemExit(f"{path} is not a judgement file of bars_noise ({error!r}); delete it to draw again") from None
+
+
+def judged_on(
+    pipeline_dir: Path, reused: list[dict], seeds: list[int], cache: Path, judge, cfg, say=print
+) -> list[dict]:
+    """The judge's reading of every grid image of `pipeline_dir` under `seeds`, one record per image.
+
+    Records of `reused` (the evaluation's) and of the cache are taken as they are; the other seeds'
+    images are drawn and judged, and the cache is rewritten whole with them.
+    """
+    known: dict[int, list[dict]] = {}
+    for record in reused + (read_cache(cache) if cache.is_file() else []):
+        known.setdefault(record["seed"], []).append(record)
+    missing = [s for s in seeds if s not in known]
+    if missing:
+        say(f"  {cache.stem}: drawing seeds {missing[0]}-{missing[-1]} ...", flush=True)
+        started = time.time()
+        items = grid_prompts(missing)
+        images = generate(
+            load_pipeline(pipeline_dir, pick_device(cfg.device)),
+            items,
+            cfg.sampling_steps,
+            cfg.guidance_scale,
+            cfg.batch,
+        )
+        for item, seen in zip(items, judge_images(judge, images)):
+            record = {"prompt": {"object": item["object"], "style": item["style"]}, "seen": seen, "seed": item["seed"]}
+            known.setdefault(item["seed"], []).append(record)
+        drawn = [r for s in sorted(known) if s not in {r["seed"] for r in reused} for r in known[s]]
+        write_json(cache, {"model": str(pipeline_dir), "judged": drawn})
+        say(f"  {len(images)} images in {time.time() - started:.0f} s", flush=True)
+    return [r for s in seeds for r in known[s]]
+
+
+def readings(step_judged, base_judged, sets: dict, domains, seeds: list[int]) -> dict[str, float]:
+    """The bars' figures (`against_bars`) of one step on the images of `seeds`, base on the same seeds."""
+
+    def metrics_of(judged):
+        mine = [r for r in judged if r["seed"] in seeds]
+        result = compute_metrics(mine, domains, sets["forgotten"], sets["neighbors"], sets["replayed"])
+        return {k: result["metrics"][k] for k in CHECKED}
+
+    return against_bars(metrics_of(step_judged), metrics_of(base_judged))
+
+
+def step_noise(step_judged, base_judged, sets: dict, domains, seeds: list[int], group: int, bars) -> dict:
+    """Per bar: the figure of each disjoint seed group of size `group`, all seeds pooled, and the groups under the bar."""
+    groups = [seeds[k : k + group] for k in range(0, len(seeds), group)]
+    per_group = [readings(step_judged, base_judged, sets, domains, g) for g in groups]
+    pooled = readings(step_judged, base_judged, sets, domains, seeds)
+    out = {}
+    for name in pooled:
+        values = [r[name] for r in per_group if name in r]
+        bar = bars.get(name)
+        out[name] = {"pooled": pooled[name], "groups": values, "bar": bar,
+                     "groups_under": None if bar is None else sum(v < bar for v in values)}  # fmt: skip
+    return out
+
+
+def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict]) -> str:
+    lines = [
+        f"# How the bars' figures move by chance: {run}",
+        "",
+        (
+            f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); groups of {group} (the first is the loop's reading). "
+            "Each cell: all seeds pooled, then [lowest - highest group], then groups under the bar / groups. "
+            "UA in %; IRA, CRA, NRA in % of the base model's on the same seeds."
+        ),
+        "",
+        "| request | concept | " + " | ".join(name.upper() for name in CHECKED) + " |",
+        "|---" * (2 + len(CHECKED)) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for name in CHECKED:
+            bar = row["bars"].get(name)
+            if bar is None:
+                cells.append("-")
+                continue
+            under = "" if bar["bar"] is None else f" {bar['groups_under']}/{len(bar['groups'])}"
+            cells.append(f"{bar['pooled']:.1f} [{min(bar['groups']):.1f} - {max(bar['groups']):.1f}]{under}")
+        lines.append(f"| {row['index']} | {row['concept']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_steps(run: Path, names: list[str] | None) -> list[Path]:
+    steps = sorted(p for p in (run / "steps").glob("*") if (p / "metrics.json").is_file() and (p / "pipeline").is_dir())
+    if names:
+        unknown = set(names) - {p.name for p in steps}
+        if unknown:
+            raise SystemExit(f"--steps {sorted(unknown)}: no evaluated step of that name in {run / 'steps'}")
+        steps = [p for p in steps if p.name in names]
+    if not steps:
+        raise SystemExit(f"{run} has no evaluated step (steps/<i>-<concept>/ with metrics.json and pipeline/)")
+    return steps
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a run folder of python -m distill_forget.train")
+    parser.add_argument("--seeds", type=int, default=12, help="seeds in all, a multiple of the evaluation's")
+    parser.add_argument("--steps", nargs="*", help="step folder names (default: every evaluated step)")
+    parser.add_argument("--judge", default=None, help="default: the run's judge")
+    args = parser.parse_args(argv)
+    for needed in ("config.yaml", "base/metrics.json"):
+        if not (args.run / needed).is_file():
+            raise SystemExit(f"{args.run} is not an evaluated run folder ({needed} is missing)")
+    # a run from before a setting existed reads its default (the check's seeds, its bars)
+    run_cfg = OmegaConf.merge(read_config("train"), OmegaConf.load(args.run / "config.yaml"))
+    try:
+        seeds = study_seeds(run_cfg, args.seeds)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    steps = run_steps(args.run, args.steps)
+    torch.set_num_threads(run_cfg.threads)
+    cfg = run_cfg.evaluate
+    judge = load_judge(args.judge or run_cfg.judge).eval()
+    bars = dict(run_cfg.check.bars)
+    out = args.run / "bars_noise"
+    print(f"reading {args.run}: base and {len(steps)} steps under {len(seeds)} seeds", flush=True)
+    base_evaluation = json.loads((args.run / "base" / "metrics.json").read_text())
+    base_judged = judged_on(
+        resolve_model_dir(run_cfg.model), base_evaluation["judged"], seeds, out / "base.json", judge, cfg
+    )
+    rows = []
+    for step in steps:
+        evaluation = json.loads((step / "metrics.json").read_text())
+        judged = judged_on(step / "pipeline", evaluation["judged"], seeds, out / f"{step.name}.json", judge, cfg)
+        sets = {k: evaluation[k] for k in ("forgotten", "neighbors", "replayed")}
+        index, _, concept = step.name.partition("-")
+        noise = step_noise(judged, base_judged, sets, judge.domains, seeds, len(cfg.seeds), bars)
+        rows.append({"index": int(index), "concept": concept, "step": step.name, "bars": noise})
+        print(f"{step.name}: " + ", ".join(f"{k} {v['pooled']:.1f} [{min(v['groups']):.1f}-{max(v['groups']):.1f}]"
+                                           for k, v in noise.items()), flush=True)  # fmt: skip
+    write_json(out / "bars_noise.json", {"run": str(args.run), "seeds": seeds, "group": len(cfg.seeds), "bars": bars,
+                                         "steps": rows})  # fmt: skip
+    with atomic_file(out / "bars_noise.md") as tmp:
+        tmp.write_text(format_markdown(args.run, seeds, len(cfg.seeds), rows))
+    print(f"results in {out / 'bars_noise.json'} and {out / 'bars_noise.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The bars' figures on more seeds: fresh seeds only, groups and pool computed as the loop does,
+the loop's own reading as the first group, and a rerun that draws nothing again."""
+
+import json
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+from distill_forget import bars_noise
+from distill_forget.bars_noise import step_noise, study_seeds
+from distill_forget.check import against_bars
+from distill_forget.config import load_config, read_config
+from distill_forget.evaluate import evaluate_pipeline, load_judge
+from distill_forget.metrics import compute_metrics
+from distill_forget.pipelines import load_pipeline
+
+
+def test_the_added_seeds_are_none_the_run_used():
+    run_cfg = OmegaConf.create({"evaluate": {"seeds": [0, 1, 2]}, "check": {"seeds": [10, 11, 12]}})
+    assert study_seeds(run_cfg, 9) == [0, 1, 2, 13, 14, 15, 16, 17, 18]
+    assert study_seeds(run_cfg, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="multiple of the evaluation's 3 seeds"):
+        study_seeds(run_cfg, 10)
+
+
+def _grid(seeds, misread=lambda prompt, seed: {}):
+    objects, styles = ["a", "b", "c"], ["x", "y"]
+    return [{"prompt": {"object": o, "style": s}, "seen": {"object": o, "style": s, **misread((o, s), seed)}, "seed": seed}
+            for seed in seeds for o in objects for s in styles]  # fmt: skip
+
+
+def test_each_group_and_the_pool_read_as_the_loop_reads_them():
+    domains = {"object": ["a", "b", "c"], "style": ["x", "y"]}
+    sets = {"forgotten": ["a"], "neighbors": ["b"], "replayed": None}
+
+    def misread(pair, seed):
+        if pair[0] == "a" and seed < 3:  # forgotten on the first group's seeds only
+            return {"object": "c"}
+        if pair == ("a", "x"):  # and in half of its images on the others
+            return {"object": "c"}
+        if pair == ("b", "y") and seed == 4:  # one neighbour image lost in the second group
+            return {"object": "c"}
+        return {}
+
+    seeds = list(range(6))
+    noise = step_noise(_grid(seeds, misread), _grid(seeds), sets, domains, seeds, 3, {"ua": 95.0, "nra": 90.0})
+
+    assert noise["ua"] == {"pooled": 75.0, "groups": [100.0, 50.0], "bar": 95.0, "groups_under": 1}
+    assert noise["nra"]["groups"] == [100.0, pytest.approx(83.33, abs=0.01)]
+    assert noise["nra"]["pooled"] == pytest.approx(91.67, abs=0.01) and noise["nra"]["groups_under"] == 1
+    assert noise["ira"] == {"pooled": 100.0, "groups": [100.0, 100.0], "bar": None, "groups_under": None}
+
+
+@pytest.fixture
+def evaluated_run(tmp_path, tiny_pipeline_dir, teacher_dir):
+    """A run folder as the loop leaves it: its config, the base's evaluation, one evaluated step."""
+    run = tmp_path / "run"
+    cfg = OmegaConf.merge(read_config("train"), {"model": str(tiny_pipeline_dir), "threads": 2})
+    cfg.evaluate = load_config("evaluate", ["sampling_steps=2", "seeds=[0]", "batch=72", "reference_repeats=1"])
+    (run / "base").mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config.yaml")
+    judge = load_judge(None).eval()
+    base, _ = evaluate_pipeline(load_pipeline(tiny_pipeline_dir), judge, cfg.evaluate)
+    (run / "base" / "metrics.json").write_text(json.dumps(base))
+    step = run / "steps" / "01-star"
+    shutil.copytree(teacher_dir, step / "pipeline")
+    result, _ = evaluate_pipeline(load_pipeline(teacher_dir), judge, cfg.evaluate, ["star"], replayed=["circle"])
+    (step / "metrics.json").write_text(json.dumps(result))
+    return run, base, result
+
+
+def test_a_run_read_on_more_seeds_starts_from_its_own_reading_and_reruns_without_drawing(evaluated_run, monkeypatch):
+    run, base, evaluation = evaluated_run
+    bars_noise.main([str(run), "--seeds", "2"])
+
+    written = json.loads((run / "bars_noise" / "bars_noise.json").read_text())
+    assert written["seeds"] == [0, 13] and written["group"] == 1
+    (row,) = written["steps"]
+    assert (row["index"], row["concept"]) == (1, "star")
+    domains = load_judge(None).domains
+    base_on_sets = compute_metrics(base["judged"], domains, ["star"], evaluation["neighbors"], ["circle"])["metrics"]
+    loop_reading = against_bars({k: evaluation["metrics"][k] for k in row["bars"]}, base_on_sets)
+    assert {name: bar["groups"][0] for name, bar in row["bars"].items()} == loop_reading
+    assert {len(bar["groups"]) for bar in row["bars"].values()} == {2}
+    cached = json.loads((run / "bars_noise" / "01-star.json").read_text())["judged"]
+    assert {r["seed"] for r in cached} == {13}  # only the drawn seed is kept; seed 0's are the evaluation's
+    assert "| 1 | star |" in (run / "bars_noise" / "bars_noise.md").read_text()
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("a rerun drew images again")
+
+    monkeypatch.setattr(bars_noise, "generate", no_drawing)
+    bars_noise.main([str(run), "--seeds", "2"])
+    assert json.loads((run / "bars_noise" / "bars_noise.json").read_text()) == written
+
+
+def test_a_folder_that_is_no_run_an_unknown_step_or_a_cut_off_cache_is_refused_by_name(evaluated_run, tmp_path):
+    with pytest.raises(SystemExit, match="is not an evaluated run folder"):
+        bars_noise.main([str(tmp_path / "nothing")])
+    run, _, _ = evaluated_run
+    with pytest.raises(SystemExit, match=r"--steps \['02-heart'\]: no evaluated step"):
+        bars_noise.main([str(run), "--steps", "02-heart"])
+    (run / "bars_noise").mkdir()
+    (run / "bars_noise" / "base.json").write_text('{"judged": [')  # cut off
+    with pytest.raises(SystemExit, match="base.json is not a judgement file of bars_noise"):
+        bars_noise.main([str(run)])
