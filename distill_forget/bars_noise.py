@@ -113,7 +113,7 @@ def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict]) -
         "",
         (
             f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); groups of {group} (the first is the loop's reading). "
-            "Each cell: all seeds pooled, then [lowest - highest group], then groups under the bar / groups. "
+            "Each cell: all seeds pooled, the loop's reading, [lowest - highest group], groups under the bar / groups. "
             "UA in %; IRA, CRA, NRA in % of the base model's on the same seeds."
         ),
         "",
@@ -128,7 +128,8 @@ def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict]) -
                 cells.append("-")
                 continue
             under = "" if bar["bar"] is None else f" {bar['groups_under']}/{len(bar['groups'])}"
-            cells.append(f"{bar['pooled']:.1f} [{min(bar['groups']):.1f} - {max(bar['groups']):.1f}]{under}")
+            groups = bar["groups"]
+            cells.append(f"{bar['pooled']:.1f} (loop {groups[0]:.1f}) [{min(groups):.1f} - {max(groups):.1f}]{under}")
         lines.append(f"| {row['index']} | {row['concept']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

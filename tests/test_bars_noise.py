@@ -85,7 +85,11 @@ def test_a_run_read_on_more_seeds_starts_from_its_own_reading_and_reruns_without
     assert {len(bar["groups"]) for bar in row["bars"].values()} == {2}
     cached = json.loads((run / "bars_noise" / "01-star.json").read_text())["judged"]
     assert {r["seed"] for r in cached} == {13}  # only the drawn seed is kept; seed 0's are the evaluation's
-    assert "| 1 | star |" in (run / "bars_noise" / "bars_noise.md").read_text()
+    ua = row["bars"]["ua"]
+    assert (
+        f"| 1 | star | {ua['pooled']:.1f} (loop {ua['groups'][0]:.1f}) ["
+        in (run / "bars_noise" / "bars_noise.md").read_text()
+    )
 
     def no_drawing(*args, **kwargs):
         raise AssertionError("a rerun drew images again")
