@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.check import CHECKED, against_bars
 from distill_forget.config import read_config, resolve_model_dir
-from distill_forget.evaluate import generate, grid_prompts, judge_images, load_judge
+from distill_forget.evaluate import generate, grid_prompts, judge_images, judged_records, load_judge
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.storage import atomic_file, write_json
@@ -73,10 +73,10 @@ def judged_on(
             cfg.guidance_scale,
             cfg.batch,
         )
-        for item, seen in zip(items, judge_images(judge, images)):
-            record = {"prompt": {"object": item["object"], "style": item["style"]}, "seen": seen, "seed": item["seed"]}
-            known.setdefault(item["seed"], []).append(record)
-        drawn = [r for s in sorted(known) if s not in {r["seed"] for r in reused} for r in known[s]]
+        for record in judged_records(items, judge_images(judge, images)):
+            known.setdefault(record["seed"], []).append(record)
+        reused_seeds = {r["seed"] for r in reused}
+        drawn = [r for s in sorted(known) if s not in reused_seeds for r in known[s]]
         write_json(cache, {"model": str(pipeline_dir), "judged": drawn})
         say(f"  {len(images)} images in {time.time() - started:.0f} s", flush=True)
     return [r for s in seeds for r in known[s]]

@@ -76,6 +76,12 @@ def judge_images(judge, images: torch.Tensor, batch: int = 512) -> list[dict]:
     return seen
 
 
+def judged_records(items: list[dict], seen: list[dict]) -> list[dict]:
+    """One record per judged image (`grid_prompts` item and `judge_images` reading), as metrics.json keeps them."""
+    return [{"prompt": {"object": it["object"], "style": it["style"]}, "seen": s, "seed": it["seed"]}
+            for it, s in zip(items, seen)]  # fmt: skip
+
+
 @torch.no_grad()
 def frechet_distance_to(judge, reference: torch.Tensor):
     """`images -> Frechet distance to reference` in the judge's feature space, the reference's
@@ -158,9 +164,7 @@ def evaluate_pipeline(pipe, judge, cfg, forgotten=(), neighbors=None, replayed=N
     images = generate_sharded(pipe, items, cfg, ranks)
     if images is None:
         return None, None
-    seen = judge_images(judge, images)
-    records = [{"prompt": {"object": it["object"], "style": it["style"]}, "seen": s, "seed": it["seed"]}
-               for it, s in zip(items, seen)]  # fmt: skip
+    records = judged_records(items, judge_images(judge, images))
     result = compute_metrics(records, judge.domains, forgotten, neighbors, replayed)
     result["metrics"]["quality"] = retained_quality(judge, images, items, forgotten, cfg)
     result.update(
