@@ -875,6 +875,23 @@ def test_change_scale_keeps_that_share_of_the_trained_change(tiny_pipeline_dir, 
         run_step(tiny_pipeline_dir, request, fast_cfg("steps=2", "change_scale=0"), tmp_path / "none")
 
 
+def test_training_seed_keeps_the_plan_and_draws_another_training(tiny_pipeline_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    request = Request("dots", "style", prompts=["a ring in dots style", "dots style"])
+    runs = {}
+    for name, extra in {"seed": [], "again": [], "same": ["training_seed=0"], "other": ["training_seed=1"]}.items():
+        cfg = fast_cfg("steps=2", "target.mode=score", "neighbors.mode=score", "seed=0", *extra)
+        record = run_step(tiny_pipeline_dir, request, cfg, tmp_path / name)
+        unet = UNet2DConditionModel.from_pretrained(tmp_path / name / "unet")
+        plan = (record["targets"], record["neighbors"], record["prompt_counts"])
+        runs[name] = (plan, torch.cat([p.flatten() for p in unet.parameters()]))
+    assert runs["other"][0] == runs["seed"][0]  # the plan is seed's
+    torch.testing.assert_close(runs["again"][1], runs["seed"][1], rtol=0, atol=0)  # a step is reproducible
+    torch.testing.assert_close(runs["same"][1], runs["seed"][1], rtol=0, atol=0)  # training_seed = seed: the same
+    assert not torch.equal(runs["other"][1], runs["seed"][1])  # another training draw
+
+
 @pytest.mark.parametrize("replay_mode", ["bank", "per_step"])
 def test_short_run_step_writes_a_stock_pipeline_folder(tiny_pipeline_dir, tmp_path, replay_mode):
     from diffusers import StableDiffusionPipeline

@@ -94,6 +94,11 @@ def select_trainable(unet: torch.nn.Module, mode: str) -> list[str]:
     return chosen
 
 
+def training_seed(cfg) -> int:
+    """The seed of the training's own draws: `training_seed`, or `seed` where it is null."""
+    return cfg.seed if cfg.training_seed is None else cfg.training_seed
+
+
 def twin_table(twins: list[list[str]]) -> torch.Tensor:
     """(forget prompts, most twins of one): the flattened twin rows of each forget prompt, cycled to
     fill its row; -1 for a prompt without twins."""
@@ -165,7 +170,7 @@ class DistillForgetModule(L.LightningModule):
         noise_scheduler = DDPMScheduler.from_config(scheduler_config)
         # Which latents, noise and timesteps each micro-batch gets: drawn for the global batch
         # (`batch`) alike on every rank, each rank keeping its slice (its rank is set at fit start).
-        self.draw = GlobalBatch(cfg.seed + 1)  # + 1: a stream apart from the replay bank's
+        self.draw = GlobalBatch(training_seed(cfg) + 1)  # + 1: a stream apart from the replay bank's
         # The losses hold no weights of their own; a zero lambda skips a loss and its network calls.
         mean_weight = cfg.replay.mean_weight  # every replay's extra weight on its error's spatial mean
         forget_scale, replay_scale = loss_scales(cfg.loss_scale)
@@ -285,7 +290,7 @@ class DistillForgetModule(L.LightningModule):
         self.draw.local_size(cfg.batch)  # a clear error now for a batch that does not split over the ranks
         # This rank's rows per replay group, once per request (and a clear error for rows that do not split).
         self.local_rows = {g: self.draw.local_size(n, f"step.batch's {g} replay rows") for g, n in self.replay_rows().items()}
-        self.replay = make_replay(cfg.replay, self.sampler, sampled, cfg.seed, self.draw)
+        self.replay = make_replay(cfg.replay, self.sampler, sampled, training_seed(cfg), self.draw)
         started = time.time()
         if cfg.replay.mode == "bank" and ranks.is_main:
             print(

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import PlainProgress, StepCheckpoint
-from distill_forget.distill.module import DistillForgetModule
+from distill_forget.distill.module import DistillForgetModule, training_seed
 from distill_forget.distributed import cluster_environment, current_ranks, node_count, processes_per_node
 from distill_forget.distill.networks import Denoiser, PromptEncoder, prompt_encoder
 from distill_forget.distill.prompts import (
@@ -507,6 +507,8 @@ def run_step(
         torch.cuda.reset_peak_memory_stats()
     module, plan = build_module(teacher_dir, request, cfg, forgotten_before, base_dir, forget_together, pending)
     cfg = module.cfg  # with the request's overrides
+    if training_seed(cfg) != cfg.seed:  # the plan was drawn from `seed`; the training draws from its own
+        L.seed_everything(training_seed(cfg), verbose=False)
     trainer = make_trainer(cfg, f"step {request.concept!r}", checkpoint_dir, logger)
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None and trainer.is_global_zero:
