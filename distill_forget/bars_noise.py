@@ -8,8 +8,9 @@ so a figure near its bar holds or breaks partly by draw. This reads the base mod
 of RUN under `--seeds` seeds in all: the evaluation's own (their judgements are reused from the
 step's `metrics.json`), then the first integers after every seed the run used, the check's
 included (the check chose the kept attempt on its seeds, so they would not be a fresh draw).
-Every model's judgements are kept in RUN/bars_noise/<name>.json, written whole, and a rerun reuses
-them. For each step and bar it gives the figure over disjoint groups of the evaluation's size
+Every model's judgements are kept in RUN/bars_noise/<name>.json, written whole with the hash of
+the weights they were drawn from, and a rerun reuses them (those of other weights, a step folder
+replaced since, are drawn again). For each step and bar it gives the figure over disjoint groups of the evaluation's size
 (the first group is the loop's own reading; their spread is the noise of one reading) and over
 all the seeds pooled (`--seeds` / 3 times the images, the steadier figure), against the bars of
 `check.bars` in the run's config. Results: RUN/bars_noise/bars_noise.json and bars_noise.md.
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 from distill_forget.check import CHECKED, against_bars
 from distill_forget.config import read_config, resolve_model_dir
 from distill_forget.evaluate import generate, grid_prompts, judge_images, judged_records, load_judge
+from distill_forget.ledger import weights_hash
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.storage import atomic_file, write_json
@@ -43,11 +45,19 @@ def study_seeds(run_cfg, count: int) -> list[int]:
     return evaluation + list(range(start, start + count - len(evaluation)))
 
 
-def read_cache(path: Path) -> list[dict]:
+def read_cache(path: Path, weights: str, say=print) -> list[dict]:
+    """The judgements kept in `path`; none when they were drawn from other weights than `weights`.
+    A file from before the weights were recorded is taken as it is."""
     try:
-        return json.loads(path.read_text())["judged"]
+        cached = json.loads(path.read_text())
+        judged = cached["judged"]
     except (ValueError, KeyError) as error:
         raise SystemExit(f"{path} is not a judgement file of bars_noise ({error!r}); delete it to draw again") from None
+    if cached.get("weights", weights) != weights:
+        say(f"  {path.stem}: {path} was drawn from other weights than the model's now (a folder replaced since, "
+            "or a file copied from another run); drawing again", flush=True)  # fmt: skip
+        return []
+    return judged
 
 
 def judged_on(
@@ -55,11 +65,12 @@ def judged_on(
 ) -> list[dict]:
     """The judge's reading of every grid image of `pipeline_dir` under `seeds`, one record per image.
 
-    Records of `reused` (the evaluation's) and of the cache are taken as they are; the other seeds'
-    images are drawn and judged, and the cache is rewritten whole with them.
+    Records of `reused` (the evaluation's) and of the cache (when drawn from these weights) are taken
+    as they are; the other seeds' images are drawn and judged, and the cache is rewritten whole with them.
     """
+    weights = weights_hash(pipeline_dir)
     known: dict[int, list[dict]] = {}
-    for record in reused + (read_cache(cache) if cache.is_file() else []):
+    for record in reused + (read_cache(cache, weights, say) if cache.is_file() else []):
         known.setdefault(record["seed"], []).append(record)
     missing = [s for s in seeds if s not in known]
     if missing:
@@ -77,7 +88,7 @@ def judged_on(
             known.setdefault(record["seed"], []).append(record)
         reused_seeds = {r["seed"] for r in reused}
         drawn = [r for s in sorted(known) if s not in reused_seeds for r in known[s]]
-        write_json(cache, {"model": str(pipeline_dir), "judged": drawn})
+        write_json(cache, {"model": str(pipeline_dir), "weights": weights, "judged": drawn})
         say(f"  {len(images)} images in {time.time() - started:.0f} s", flush=True)
     return [r for s in seeds for r in known[s]]
 

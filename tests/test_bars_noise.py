@@ -1,5 +1,6 @@
 """The bars' figures on more seeds: fresh seeds only, groups and pool computed as the loop does,
-the loop's own reading as the first group, and a rerun that draws nothing again."""
+the loop's own reading as the first group, a rerun that draws nothing again, and judgements of
+other weights drawn again."""
 
 import json
 import shutil
@@ -12,6 +13,7 @@ from distill_forget.bars_noise import step_noise, study_seeds
 from distill_forget.check import against_bars
 from distill_forget.config import load_config, read_config
 from distill_forget.evaluate import evaluate_pipeline, load_judge
+from distill_forget.ledger import weights_hash
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline
 
@@ -109,3 +111,24 @@ def test_a_folder_that_is_no_run_an_unknown_step_or_a_cut_off_cache_is_refused_b
     (run / "bars_noise" / "base.json").write_text('{"judged": [')  # cut off
     with pytest.raises(SystemExit, match="base.json is not a judgement file of bars_noise"):
         bars_noise.main([str(run)])
+
+
+def test_judgements_kept_for_other_weights_are_drawn_again(evaluated_run, monkeypatch):
+    run, _, _ = evaluated_run
+    bars_noise.main([str(run), "--seeds", "2"])
+    kept = run / "bars_noise" / "01-star.json"
+    cached = json.loads(kept.read_text())
+    assert cached["weights"] == weights_hash(run / "steps" / "01-star" / "pipeline")
+    kept.write_text(json.dumps({**cached, "weights": "0" * 64}))  # as if the step folder had been replaced
+
+    drawn_for = []
+    generate = bars_noise.generate
+
+    def counting(pipe, items, *args):
+        drawn_for.append(sorted({item["seed"] for item in items}))
+        return generate(pipe, items, *args)
+
+    monkeypatch.setattr(bars_noise, "generate", counting)
+    bars_noise.main([str(run), "--seeds", "2"])
+    assert drawn_for == [[13]]  # the step's fresh seed again; the base's judgements still hold
+    assert json.loads(kept.read_text())["weights"] == cached["weights"]
