@@ -10,10 +10,10 @@ step's `metrics.json`), then the first integers after every seed the run used, t
 included (the check chose the kept attempt on its seeds, so they would not be a fresh draw).
 Every model's judgements are kept in RUN/bars_noise/<name>.json, written whole with the hash of
 the weights they were drawn from, and a rerun reuses them (those of other weights, a step folder
-replaced since, are drawn again). For each step and bar it gives the figure over disjoint groups of the evaluation's size
-(the first group is the loop's own reading; their spread is the noise of one reading) and over
-all the seeds pooled (`--seeds` / 3 times the images, the steadier figure), against the bars of
-`check.bars` in the run's config. Results: RUN/bars_noise/bars_noise.json and bars_noise.md.
+replaced since, are drawn again). For each step and bar it gives the figure over disjoint groups
+of the evaluation's size (the first group is the loop's own reading; their spread is the noise of
+one reading) and over all the seeds pooled (`--seeds` / 3 times the images, the steadier figure),
+against the bars of `check.bars` in the run's config. Results: RUN/bars_noise/bars_noise.json and bars_noise.md.
 
 The quality figure's noise is `python -m distill_forget.quality_noise`'s.
 """
@@ -54,7 +54,7 @@ def read_cache(path: Path, weights: str, say=print) -> list[dict]:
     except (ValueError, KeyError) as error:
         raise SystemExit(f"{path} is not a judgement file of bars_noise ({error!r}); delete it to draw again") from None
     if cached.get("weights", weights) != weights:
-        say(f"  {path.stem}: {path} was drawn from other weights than the model's now (a folder replaced since, "
+        say(f"  {path}: drawn from other weights than the model's now (a folder replaced since, "
             "or a file copied from another run); drawing again", flush=True)  # fmt: skip
         return []
     return judged
