@@ -8,6 +8,9 @@ so a figure near its bar holds or breaks partly by draw. This reads the base mod
 of RUN under `--seeds` seeds in all: the evaluation's own (their judgements are reused from the
 step's `metrics.json`), then the first integers after every seed the run used, the check's
 included (the check chose the kept attempt on its seeds, so they would not be a fresh draw).
+Before anything is drawn, the run's ledger is verified, and each step read must be one it
+records: its weights those of the record (as when the loop goes on from a step), its `metrics.json`
+the evaluation the record holds, and the starting model the weights the first request started from.
 Every model's judgements are kept in RUN/bars_noise/<name>.json, written whole with the hash of
 the weights they were drawn from, and a rerun reuses them (those of other weights, a step folder
 replaced since, are drawn again). For each step and bar it gives the figure over disjoint groups
@@ -29,7 +32,7 @@ from omegaconf import OmegaConf
 from distill_forget.check import CHECKED, against_bars
 from distill_forget.config import read_config, resolve_model_dir
 from distill_forget.evaluate import generate, grid_prompts, judge_images, judged_records, load_judge
-from distill_forget.ledger import weights_hash
+from distill_forget.ledger import LEDGER_NAME, Ledger, LedgerError, weights_hash
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.storage import atomic_file, write_json
@@ -61,14 +64,14 @@ def read_cache(path: Path, weights: str, say=print) -> list[dict]:
 
 
 def judged_on(
-    pipeline_dir: Path, reused: list[dict], seeds: list[int], cache: Path, judge, cfg, say=print
+    pipeline_dir: Path, weights: str, reused: list[dict], seeds: list[int], cache: Path, judge, cfg, say=print
 ) -> list[dict]:
-    """The judge's reading of every grid image of `pipeline_dir` under `seeds`, one record per image.
+    """The judge's reading of every grid image of `pipeline_dir` (whose weights hash `weights`) under `seeds`,
+    one record per image.
 
     Records of `reused` (the evaluation's) and of the cache (when drawn from these weights) are taken
     as they are; the other seeds' images are drawn and judged, and the cache is rewritten whole with them.
     """
-    weights = weights_hash(pipeline_dir)
     known: dict[int, list[dict]] = {}
     for record in reused + (read_cache(cache, weights, say) if cache.is_file() else []):
         known.setdefault(record["seed"], []).append(record)
@@ -105,7 +108,8 @@ def readings(step_judged, base_judged, sets: dict, domains, seeds: list[int]) ->
 
 
 def step_noise(step_judged, base_judged, sets: dict, domains, seeds: list[int], group: int, bars) -> dict:
-    """Per bar: the figure of each disjoint seed group of size `group`, all seeds pooled, and the groups under the bar."""
+    """Per bar: the figure of each disjoint seed group of size `group`, all seeds pooled, and the groups under
+    the bar."""
     groups = [seeds[k : k + group] for k in range(0, len(seeds), group)]
     per_group = [readings(step_judged, base_judged, sets, domains, g) for g in groups]
     pooled = readings(step_judged, base_judged, sets, domains, seeds)
@@ -157,6 +161,37 @@ def run_steps(run: Path, names: list[str] | None) -> list[Path]:
     return steps
 
 
+def verified_weights(run: Path, model_dir: Path, steps: list[Path]) -> tuple[str, dict[Path, str]]:
+    """The hashes of the starting model and of each step's weights, once each is shown to be what the run's
+    ledger records: the model the first request started from, the weights and the evaluation of the step's request."""
+    ledger = Ledger(run / LEDGER_NAME)
+    try:
+        records = {record["index"]: record for record in ledger.verify()}
+    except LedgerError as error:
+        raise SystemExit(f"the run's ledger does not verify: {error}") from None
+    hashes = {}
+    for step in steps:
+        index = int(step.name.partition("-")[0])
+        if index not in records:
+            raise SystemExit(f"{step}: the ledger has no record of request {index} (a step the loop did not finish)")
+        try:
+            hashes[step] = ledger.verify_weights(index, step / "pipeline")
+        except LedgerError as error:
+            raise SystemExit(f"refusing to read {step}: {error}") from None
+        evaluation = json.loads((step / "metrics.json").read_text())["metrics"]
+        evaluated = {k: evaluation.get(k) for k in CHECKED}
+        recorded = {k: records[index]["metrics"].get(k) for k in CHECKED}
+        if evaluated != recorded:
+            raise SystemExit(f"{step / 'metrics.json'} is not the evaluation ledger record {index} holds ({evaluated} "
+                             f"against {recorded}): the file was changed after the request")  # fmt: skip
+    base = weights_hash(model_dir)
+    if base != records[1]["input_hash"]:
+        raise SystemExit(f"{model_dir}: its weights are not those the run's first request started from (hash "
+                         f"{base[:16]}..., the ledger recorded {records[1]['input_hash'][:16]}...); "
+                         "give the run's model")  # fmt: skip
+    return base, hashes
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run folder of python -m distill_forget.train")
@@ -164,7 +199,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", nargs="*", help="step folder names (default: every evaluated step)")
     parser.add_argument("--judge", default=None, help="default: the run's judge")
     args = parser.parse_args(argv)
-    for needed in ("config.yaml", "base/metrics.json"):
+    for needed in ("config.yaml", "base/metrics.json", LEDGER_NAME):
         if not (args.run / needed).is_file():
             raise SystemExit(f"{args.run} is not an evaluated run folder ({needed} is missing)")
     # a run from before a setting existed reads its default (the check's seeds, its bars)
@@ -174,6 +209,8 @@ def main(argv=None) -> None:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     steps = run_steps(args.run, args.steps)
+    model_dir = resolve_model_dir(run_cfg.model)
+    base_weights, step_weights = verified_weights(args.run, model_dir, steps)
     torch.set_num_threads(run_cfg.threads)
     cfg = run_cfg.evaluate
     judge = load_judge(args.judge or run_cfg.judge).eval()
@@ -181,13 +218,13 @@ def main(argv=None) -> None:
     out = args.run / "bars_noise"
     print(f"reading {args.run}: base and {len(steps)} steps under {len(seeds)} seeds", flush=True)
     base_evaluation = json.loads((args.run / "base" / "metrics.json").read_text())
-    base_judged = judged_on(
-        resolve_model_dir(run_cfg.model), base_evaluation["judged"], seeds, out / "base.json", judge, cfg
-    )
+    base_judged = judged_on(model_dir, base_weights, base_evaluation["judged"], seeds, out / "base.json", judge, cfg)
     rows = []
     for step in steps:
         evaluation = json.loads((step / "metrics.json").read_text())
-        judged = judged_on(step / "pipeline", evaluation["judged"], seeds, out / f"{step.name}.json", judge, cfg)
+        judged = judged_on(
+            step / "pipeline", step_weights[step], evaluation["judged"], seeds, out / f"{step.name}.json", judge, cfg
+        )
         sets = {k: evaluation[k] for k in ("forgotten", "neighbors", "replayed")}
         index, _, concept = step.name.partition("-")
         noise = step_noise(judged, base_judged, sets, judge.domains, seeds, len(cfg.seeds), bars)

@@ -1,6 +1,6 @@
 """The bars' figures on more seeds: fresh seeds only, groups and pool computed as the loop does,
-the loop's own reading as the first group, a rerun that draws nothing again, and judgements of
-other weights drawn again."""
+the loop's own reading as the first group, a rerun that draws nothing again, judgements of
+other weights drawn again, and steps the run's ledger does not record refused."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ from distill_forget.bars_noise import step_noise, study_seeds
 from distill_forget.check import against_bars
 from distill_forget.config import load_config, read_config
 from distill_forget.evaluate import evaluate_pipeline, load_judge
-from distill_forget.ledger import weights_hash
+from distill_forget.ledger import Ledger, utc_now, weights_hash
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline
 
@@ -56,7 +56,7 @@ def test_each_group_and_the_pool_read_as_the_loop_reads_them():
 
 @pytest.fixture
 def evaluated_run(tmp_path, tiny_pipeline_dir, teacher_dir):
-    """A run folder as the loop leaves it: its config, the base's evaluation, one evaluated step."""
+    """A run folder as the loop leaves it: its config, the base's evaluation, one evaluated step, the ledger."""
     run = tmp_path / "run"
     cfg = OmegaConf.merge(read_config("train"), {"model": str(tiny_pipeline_dir), "threads": 2})
     cfg.evaluate = load_config("evaluate", ["sampling_steps=2", "seeds=[0]", "batch=72", "reference_repeats=1"])
@@ -69,6 +69,11 @@ def evaluated_run(tmp_path, tiny_pipeline_dir, teacher_dir):
     shutil.copytree(teacher_dir, step / "pipeline")
     result, _ = evaluate_pipeline(load_pipeline(teacher_dir), judge, cfg.evaluate, ["star"], replayed=["circle"])
     (step / "metrics.json").write_text(json.dumps(result))
+    Ledger(run / "ledger.jsonl").append(
+        {"index": 1, "request": {"concept": "star", "kind": "object"}, "settings": {}, "started": utc_now(),
+         "finished": utc_now(), "targets": {}, "neighbors": {}, "metrics": result["metrics"],
+         "input_hash": weights_hash(tiny_pipeline_dir), "output_hash": weights_hash(step / "pipeline")}
+    )  # fmt: skip
     return run, base, result
 
 
@@ -132,3 +137,43 @@ def test_judgements_kept_for_other_weights_are_drawn_again(evaluated_run, monkey
     bars_noise.main([str(run), "--seeds", "2"])
     assert drawn_for == [[13]]  # the step's fresh seed again; the base's judgements still hold
     assert json.loads(kept.read_text())["weights"] == cached["weights"]
+
+
+def test_a_step_or_model_other_than_the_ledger_records_is_refused_before_drawing(
+    evaluated_run, tiny_pipeline_dir, teacher_dir, monkeypatch
+):
+    run, _, evaluation = evaluated_run
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("drew images of a model the ledger does not record")
+
+    monkeypatch.setattr(bars_noise, "generate", no_drawing)
+    step = run / "steps" / "01-star"
+    metrics = step / "metrics.json"
+    metrics.write_text(json.dumps({**evaluation, "metrics": {**evaluation["metrics"], "ira": -1.0}}))
+    with pytest.raises(SystemExit, match=r"01-star/metrics.json is not the evaluation ledger record 1 holds"):
+        bars_noise.main([str(run), "--seeds", "2"])
+    metrics.write_text(json.dumps(evaluation))
+
+    other = run / "steps" / "02-heart"  # evaluated, but the loop never recorded it
+    shutil.copytree(step, other)
+    with pytest.raises(SystemExit, match="02-heart: the ledger has no record of request 2"):
+        bars_noise.main([str(run), "--seeds", "2"])
+    shutil.rmtree(other)
+
+    shutil.rmtree(step / "pipeline")  # replaced by other weights after the request finished
+    shutil.copytree(tiny_pipeline_dir, step / "pipeline")
+    with pytest.raises(SystemExit, match="refusing to read .*01-star: .*weights do not match ledger record 1"):
+        bars_noise.main([str(run), "--seeds", "2"])
+    shutil.rmtree(step / "pipeline")
+    shutil.copytree(teacher_dir, step / "pipeline")
+
+    config = OmegaConf.load(run / "config.yaml")
+    OmegaConf.save(OmegaConf.merge(config, {"model": str(teacher_dir)}), run / "config.yaml")
+    with pytest.raises(SystemExit, match="not those the run's first request started from"):
+        bars_noise.main([str(run), "--seeds", "2"])
+    OmegaConf.save(config, run / "config.yaml")
+
+    (run / "ledger.jsonl").write_text((run / "ledger.jsonl").read_text().replace('"star"', '"heart"'))
+    with pytest.raises(SystemExit, match="the run's ledger does not verify"):
+        bars_noise.main([str(run), "--seeds", "2"])
