@@ -27,7 +27,7 @@ from callbacks import WandbReport
 from distill_forget.check import check_settings, evaluate_base_check, train_checked
 from distill_forget.config import load_config, resolve_model_dir
 from distill_forget.distributed import Ranks
-from distill_forget.distill.step import RECORD_FILE, run_step, save_student, with_between_overrides
+from distill_forget.distill.step import RECORD_FILE, run_step, save_student, with_plan_overrides
 from distill_forget.evaluate import evaluate_pipeline, load_judge, retained_quality, save_grid_png
 from distill_forget.ledger import Ledger, LedgerError, step_dir, utc_now, weights_hash
 from distill_forget.merging import MERGE_METHODS, merge_states, unet_state
@@ -103,7 +103,7 @@ def check_loop_settings(cfg) -> None:
     chain = cfg.step.target.chain_overrides
     try:  # checked now, not when the sequence first reaches a chain
         merge_settings(cfg.step, OmegaConf.to_container(chain) if chain else {}, "step.target.chain_overrides")
-        with_between_overrides(cfg.step)
+        with_plan_overrides(cfg.step)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     check_settings(cfg)

@@ -26,10 +26,10 @@ from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.prompts import replace_concept
 from distill_forget.distill.step import (
     RECORD_FILE,
-    between_settings,
     build_module,
     make_trainer,
     plan_prompts,
+    plan_settings,
     request_settings,
     run_step,
     step_indices,
@@ -441,7 +441,7 @@ def test_a_target_with_a_protected_neighbour_between_trains_with_between_overrid
     cfg = fast_cfg("target.mode=score", "target.between_overrides_margin=0.72")
     _, plan = plan_prompts(request, [], cfg, plane_distances, encoder=None)  # onto `ring`, ratio 1 / 4
     assert dict(cfg.target.between_overrides) == {"forget_overshoot": 0.5}  # the default
-    trained = between_settings(cfg, plan, request)
+    trained = plan_settings(cfg, plan, request)
     assert trained.forget_overshoot == 0.5 and cfg.forget_overshoot == 0.0
     assert plan["targets"]["between_overrides"] == {"forget_overshoot": 0.5}  # recorded with the target
     assert {**OmegaConf.to_container(trained), "forget_overshoot": 0.0} == OmegaConf.to_container(cfg)  # nothing else
@@ -449,18 +449,51 @@ def test_a_target_with_a_protected_neighbour_between_trains_with_between_overrid
     onto_triangle = Request("cross", "object", neighbors=["plus sign"], targets=["triangle"])
     _, far = plan_prompts(onto_triangle, [], cfg, plane_distances, encoder=None)
     assert far["targets"]["between_ratio"] > 1
-    assert between_settings(cfg, far, onto_triangle).forget_overshoot == 0.0
+    assert plan_settings(cfg, far, onto_triangle).forget_overshoot == 0.0
     assert "between_overrides" not in far["targets"]
     _, off = plan_prompts(request, [], fast_cfg("target.mode=score"), plane_distances, encoder=None)
-    assert between_settings(fast_cfg("target.mode=score"), off, request).forget_overshoot == 0.0
+    assert plan_settings(fast_cfg("target.mode=score"), off, request).forget_overshoot == 0.0
     # the request's own overrides win, as over target.chain_overrides
     own = dataclasses.replace(request, overrides={"forget_overshoot": 0.2})
-    assert between_settings(cfg, plan, own).forget_overshoot == 0.2
+    assert plan_settings(cfg, plan, own).forget_overshoot == 0.2
     # settings that decide the plan, or no step setting at all, are refused
     for bad, message in (("{neighbors: {top_k: 4}}", "decide the plan"), ("{forget_overshot: 1}", "forget_overshot")):
         wrong = fast_cfg("target.mode=score", "target.between_overrides_margin=0.72", f"target.between_overrides={bad}")
         with pytest.raises(ValueError, match=f"between_overrides.*{message}"):
-            between_settings(wrong, plan, request)
+            plan_settings(wrong, plan, request)
+
+
+def test_a_neighbour_far_nearer_than_the_target_trains_with_close_overrides():
+    request = Request("cross", "object", neighbors=["plus sign"])
+    cfg = fast_cfg("target.mode=score", "neighbors.close_margin=0.22")
+    assert dict(cfg.neighbors.close_overrides) == {"lambda_n": 100.0}  # the default
+    # onto `ring`: plus sign lies at 1 from cross, ring at 4 (squared distances of the plane)
+    _, plan = plan_prompts(request, [], cfg, plane_distances, encoder=None)
+    assert plan["neighbors"]["close_ratio"] == pytest.approx(1 / 4)
+    assert plan_settings(cfg, plan, request).lambda_n == cfg.lambda_n == 25.0
+    assert "close_overrides" not in plan["neighbors"]
+    # onto `triangle`, at 4.84: the neighbour is nearer than 0.22 of that
+    onto_triangle = Request("cross", "object", neighbors=["plus sign"], targets=["triangle"])
+    _, far = plan_prompts(onto_triangle, [], cfg, plane_distances, encoder=None)
+    assert far["neighbors"]["close_ratio"] == pytest.approx(1 / 4.84, abs=1e-4)
+    trained = plan_settings(cfg, far, onto_triangle)
+    assert trained.lambda_n == 100.0 and far["neighbors"]["close_overrides"] == {"lambda_n": 100.0}
+    assert {**OmegaConf.to_container(trained), "lambda_n": 25.0} == OmegaConf.to_container(cfg)  # nothing else
+    # off (the default): the value is recorded, the settings kept
+    _, off = plan_prompts(onto_triangle, [], fast_cfg("target.mode=score"), plane_distances, encoder=None)
+    assert off["neighbors"]["close_ratio"] == far["neighbors"]["close_ratio"]
+    assert plan_settings(fast_cfg("target.mode=score"), off, onto_triangle).lambda_n == 25.0
+    # both rules apply to one plan, each recorded; the request's own overrides win over both
+    both = fast_cfg("target.mode=score", "neighbors.close_margin=0.3", "target.between_overrides_margin=0.72")
+    _, plan = plan_prompts(request, [], both, plane_distances, encoder=None)  # onto ring: 1 / 4 for both values
+    trained = plan_settings(both, plan, request)
+    assert (trained.forget_overshoot, trained.lambda_n) == (0.5, 100.0)
+    assert "between_overrides" in plan["targets"] and "close_overrides" in plan["neighbors"]
+    own = dataclasses.replace(request, overrides={"lambda_n": 60.0})
+    assert plan_settings(both, plan, own).lambda_n == 60.0
+    wrong = fast_cfg("target.mode=score", "neighbors.close_margin=0.3", "neighbors.close_overrides={seed: 3}")
+    with pytest.raises(ValueError, match=r"close_overrides: \['seed'\] decide the plan"):
+        plan_settings(wrong, far, onto_triangle)
 
 
 def test_the_module_of_a_plan_with_a_neighbour_between_aims_past_its_target(tiny_pipeline_dir):

@@ -208,7 +208,7 @@ def test_the_loop_tells_each_step_which_concepts_later_requests_will_forget(tmp_
     assert seen == [["dots", "triangle"]]
 
 
-def test_chain_and_between_overrides_come_from_the_command_line_and_are_checked_before_any_work():
+def test_chain_and_plan_overrides_come_from_the_command_line_and_are_checked_before_any_work():
     def settings(*argv):
         return load_config("train", list(argv), sections=("step", "evaluate"))
 
@@ -222,3 +222,7 @@ def test_chain_and_between_overrides_come_from_the_command_line_and_are_checked_
         settings("step.target.reuse.x=1")
     with pytest.raises(SystemExit, match=r"between_overrides: \['target'\] decide the plan"):
         loop.check_loop_settings(settings("step.target.between_overrides.target.protect=1"))
+    with pytest.raises(SystemExit, match=r"close_overrides: \['seed'\] decide the plan"):
+        loop.check_loop_settings(settings("step.neighbors.close_overrides.seed=3"))
+    with pytest.raises(SystemExit, match="close_overrides: 'lambda_m' is not a step setting"):
+        loop.check_loop_settings(settings("step.neighbors.close_overrides={lambda_m: 50.0}"))

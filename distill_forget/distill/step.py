@@ -43,6 +43,7 @@ from distill_forget.distill.targets import (
     between_ratios,
     choose_neighbors,
     choose_targets,
+    close_ratio,
     main_target,
     neighbors_between,
 )
@@ -158,10 +159,14 @@ def plan_prompts(
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
     counts = target_record["counts"]
     target = main_target(counts) or ""
-    if neighbor_prompts and cfg.target.mode == "score" and target:
-        # how far the protected neighbours lie between the concept and the target (`target.between_margin`)
-        ratios = between_ratios(concept_text, concept_prompt(target, request.kind), neighbor_prompts, distances)
-        target_record["between_ratio"] = round(min(ratios.values()), 4)
+    if neighbor_prompts and target:
+        target_text = concept_prompt(target, request.kind)
+        if cfg.target.mode == "score":
+            # how far the protected neighbours lie between the concept and the target (`target.between_margin`)
+            ratios = between_ratios(concept_text, target_text, neighbor_prompts, distances)
+            target_record["between_ratio"] = round(min(ratios.values()), 4)
+        # how much nearer than the target the closest protected neighbour lies (`neighbors.close_margin`)
+        neighbor_record["close_ratio"] = round(close_ratio(concept_text, target_text, neighbor_prompts, distances), 4)
     # `target.protect`: the target and the concepts closest to it (score distance, as neighbours
     # are chosen) are replayed with the neighbours.
     protected = []
@@ -254,42 +259,55 @@ def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]
     return merge_overrides(cfg, request)
 
 
-# Settings that decide the plan itself: `target.between_overrides` is merged after planning, so it may not hold them.
+# Settings that decide the plan itself: plan overrides are merged after planning, so they may not hold them.
 PLANNING_SETTINGS = ("world", "seed", "forget_objective", "neighbors", "target", "score", "retain")
 
+# Training settings for a request whose plan has a value under a margin, merged once the plan is made, in this
+# order, the request's own overrides last: (the plan's record holding the value, its name, the margin's setting,
+# the overrides' setting). The plan's record keeps the overrides applied, under the overrides' last name.
+PLAN_RULES = (
+    ("targets", "between_ratio", "target.between_overrides_margin", "target.between_overrides"),
+    ("neighbors", "close_ratio", "neighbors.close_margin", "neighbors.close_overrides"),
+)
 
-def between_overrides(cfg: DictConfig) -> dict:
-    """`target.between_overrides` as a dict ({} for null)."""
-    return OmegaConf.to_container(cfg.target.between_overrides) if cfg.target.between_overrides else {}
 
-
-def with_between_overrides(cfg: DictConfig) -> DictConfig:
-    """`cfg` with `target.between_overrides` merged in; refused when they name a setting that is not
-    a step setting or one that decides the plan (it would be ignored)."""
-    overrides = between_overrides(cfg)
+def plan_overrides(cfg: DictConfig, setting: str) -> dict:
+    """The overrides at `setting` (a PLAN_RULES name) as a dict ({} for null); refused when they name a setting
+    that decides the plan (it would be ignored)."""
+    overrides = OmegaConf.select(cfg, setting)
+    overrides = OmegaConf.to_container(overrides) if overrides else {}
     planning = [k for k in overrides if k in PLANNING_SETTINGS]
     if planning:
         raise ValueError(
-            f"step.target.between_overrides: {planning} decide the plan, which is made before these settings apply; "
+            f"step.{setting}: {planning} decide the plan, which is made before these settings apply; "
             f"only training settings may be overridden (not {', '.join(PLANNING_SETTINGS)})"
         )
-    return merge_settings(cfg, overrides, "step.target.between_overrides")
+    return overrides
 
 
-def between_settings(cfg: DictConfig, plan: dict, request: Request) -> DictConfig:
-    """The step settings once the target is chosen: `target.between_overrides` merged in when a
-    protected neighbour lies between the concept and the target (the plan's `between_ratio` under
-    `target.between_overrides_margin`), recorded in the plan's targets as `between_overrides`; the
-    request's own `overrides` still win."""
-    ratio = plan["targets"].get("between_ratio")
-    if not cfg.target.between_overrides_margin > 0 or ratio is None or ratio >= cfg.target.between_overrides_margin:
-        return cfg
-    trained = with_between_overrides(cfg)
-    overrides = between_overrides(cfg)
-    plan["targets"]["between_overrides"] = overrides
-    print(f"[step] a protected neighbour lies between the concept and its target (between_ratio {ratio}): "
-          f"training with {overrides}", flush=True)
-    return merge_overrides(trained, request)
+def with_plan_overrides(cfg: DictConfig) -> DictConfig:
+    """`cfg` with every rule's overrides merged in: refused, before any work, when one names a setting that
+    decides the plan or no step setting at all."""
+    for _, _, _, setting in PLAN_RULES:
+        cfg = merge_settings(cfg, plan_overrides(cfg, setting), f"step.{setting}")
+    return cfg
+
+
+def plan_settings(cfg: DictConfig, plan: dict, request: Request) -> DictConfig:
+    """The step settings once the plan is made: each rule's overrides merged in where the plan's value is under
+    its margin (> 0; `target.between_overrides` where a protected neighbour lies between the concept and the
+    target, `neighbors.close_overrides` where one lies far nearer the concept than the target), and recorded in
+    the plan; the request's own `overrides` still win."""
+    trained = cfg
+    for record, value_name, margin_setting, setting in PLAN_RULES:
+        value, margin = plan[record].get(value_name), OmegaConf.select(cfg, margin_setting)
+        if not margin > 0 or value is None or value >= margin:
+            continue
+        overrides = plan_overrides(cfg, setting)
+        trained = merge_settings(trained, overrides, f"step.{setting}")
+        plan[record][setting.rpartition(".")[2]] = overrides
+        print(f"[step] {value_name} {value} under {margin_setting} {margin}: training with {overrides}", flush=True)
+    return cfg if trained is cfg else merge_overrides(trained, request)
 
 
 def build_module(
@@ -337,7 +355,7 @@ def build_module(
         flush=True,
     )
     if not forget_together:  # the simultaneous setting pools several plans: no one target to judge
-        cfg = between_settings(cfg, plan, request)
+        cfg = plan_settings(cfg, plan, request)
     regs = cfg.regularizers
     wants_base = [regs.l1sp.reference, regs.l2sp.reference]
     if (cfg.lambda_r or cfg.lambda_n) and cfg.replay.retain_teacher != "previous":  # M_0 answers trained rows

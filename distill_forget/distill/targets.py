@@ -150,6 +150,17 @@ def between_ratios(concept_text: str, candidate_text: str, neighbors: dict[str, 
     return dict(zip(neighbors, ratios.tolist()))
 
 
+def close_ratio(concept_text: str, target_text: str, neighbors: dict[str, str], distances) -> float:
+    """min over `neighbors` (name -> prompt) of d(concept, n) / d(concept, target).
+
+    Small where a protected neighbour lies far nearer the concept than the target does: the mapping moves
+    the concept a long way, and what sits right beside it moves with it (MiniCanvas: `stripes` onto `flat
+    color`, 0.15, loses `diagonal stripes`).
+    """
+    apart = max(float(distances(concept_text, [target_text])[0]), 1e-12)
+    return float(distances(concept_text, list(neighbors.values())).min()) / apart
+
+
 def neighbors_between(
     concept_text: str, candidates: dict[str, str], neighbors: dict[str, str], distances, margin: float
 ) -> dict[str, list[str]]:
