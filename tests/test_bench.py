@@ -127,10 +127,11 @@ def test_the_shipped_baselines_are_naive_and_distill_keeps_its_defaults():
         cfg = load_config("train", args, sections=("step", "evaluate"))
         if name == "distill":
             assert args == [] and cfg.step.lambda_r > 0 and cfg.step.target.chain_overrides is not None
+            assert cfg.step.neighbors.close_margin > 0
             continue
         step = cfg.step
         assert (step.lambda_r, step.lambda_n, step.lambda_forgotten, step.lambda_reg) == (0, 0, 0, 0), name
-        assert step.target.chain_overrides is None and step.steps == 150, name
+        assert step.target.chain_overrides is None and step.neighbors.close_margin == 0 and step.steps == 150, name
         assert step.forget_objective in ("esd", "ablation"), name
 
 

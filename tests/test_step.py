@@ -438,7 +438,7 @@ def test_no_target_with_a_protected_neighbour_between_it_and_the_concept_with_be
 
 def test_a_target_with_a_protected_neighbour_between_trains_with_between_overrides():
     request = Request("cross", "object", neighbors=["plus sign"])
-    cfg = fast_cfg("target.mode=score", "target.between_overrides_margin=0.72")
+    cfg = fast_cfg("target.mode=score", "target.between_overrides_margin=0.72", "neighbors.close_margin=0")
     _, plan = plan_prompts(request, [], cfg, plane_distances, encoder=None)  # onto `ring`, ratio 1 / 4
     assert dict(cfg.target.between_overrides) == {"forget_overshoot": 0.5}  # the default
     trained = plan_settings(cfg, plan, request)
@@ -479,10 +479,11 @@ def test_a_neighbour_far_nearer_than_the_target_trains_with_close_overrides():
     trained = plan_settings(cfg, far, onto_triangle)
     assert trained.lambda_n == 100.0 and far["neighbors"]["close_overrides"] == {"lambda_n": 100.0}
     assert {**OmegaConf.to_container(trained), "lambda_n": 25.0} == OmegaConf.to_container(cfg)  # nothing else
-    # off (the default): the value is recorded, the settings kept
-    _, off = plan_prompts(onto_triangle, [], fast_cfg("target.mode=score"), plane_distances, encoder=None)
+    # off: the value is recorded, the settings kept
+    off_cfg = fast_cfg("target.mode=score", "neighbors.close_margin=0")
+    _, off = plan_prompts(onto_triangle, [], off_cfg, plane_distances, encoder=None)
     assert off["neighbors"]["close_ratio"] == far["neighbors"]["close_ratio"]
-    assert plan_settings(fast_cfg("target.mode=score"), off, onto_triangle).lambda_n == 25.0
+    assert plan_settings(off_cfg, off, onto_triangle).lambda_n == 25.0
     # both rules apply to one plan, each recorded; the request's own overrides win over both
     both = fast_cfg("target.mode=score", "neighbors.close_margin=0.3", "target.between_overrides_margin=0.72")
     _, plan = plan_prompts(request, [], both, plane_distances, encoder=None)  # onto ring: 1 / 4 for both values
