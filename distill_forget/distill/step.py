@@ -298,16 +298,16 @@ def plan_settings(cfg: DictConfig, plan: dict, request: Request) -> DictConfig:
     its margin (> 0; `target.between_overrides` where a protected neighbour lies between the concept and the
     target, `neighbors.close_overrides` where one lies far nearer the concept than the target), and recorded in
     the plan; the request's own `overrides` still win."""
-    trained = cfg
+    trained, applied = cfg, False
     for record, value_name, margin_setting, setting in PLAN_RULES:
         value, margin = plan[record].get(value_name), OmegaConf.select(cfg, margin_setting)
         if not margin > 0 or value is None or value >= margin:
             continue
         overrides = plan_overrides(cfg, setting)
-        trained = merge_settings(trained, overrides, f"step.{setting}")
+        trained, applied = merge_settings(trained, overrides, f"step.{setting}"), True
         plan[record][setting.rpartition(".")[2]] = overrides
         print(f"[step] {value_name} {value} under {margin_setting} {margin}: training with {overrides}", flush=True)
-    return cfg if trained is cfg else merge_overrides(trained, request)
+    return merge_overrides(trained, request) if applied else cfg
 
 
 def build_module(
