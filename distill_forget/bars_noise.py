@@ -161,25 +161,31 @@ def run_steps(run: Path, names: list[str] | None) -> list[Path]:
     return steps
 
 
-def verified_weights(run: Path, model_dir: Path, steps: list[Path]) -> tuple[str, dict[Path, str]]:
+def step_request(step: Path) -> tuple[int, str]:
+    """The request index and concept of a step folder `<i>-<concept>`."""
+    index, _, concept = step.name.partition("-")
+    return int(index), concept
+
+
+def verified_weights(run: Path, model_dir: Path, evaluations: dict[Path, dict]) -> tuple[str, dict[Path, str]]:
     """The hashes of the starting model and of each step's weights, once each is shown to be what the run's
-    ledger records: the model the first request started from, the weights and the evaluation of the step's request."""
+    ledger records: the model the first request started from, the weights and the evaluation (`evaluations`,
+    each step's `metrics.json`) of the step's request."""
     ledger = Ledger(run / LEDGER_NAME)
     try:
         records = {record["index"]: record for record in ledger.verify()}
     except LedgerError as error:
         raise SystemExit(f"the run's ledger does not verify: {error}") from None
     hashes = {}
-    for step in steps:
-        index = int(step.name.partition("-")[0])
+    for step, evaluation in evaluations.items():
+        index, _ = step_request(step)
         if index not in records:
             raise SystemExit(f"{step}: the ledger has no record of request {index} (a step the loop did not finish)")
         try:
             hashes[step] = ledger.verify_weights(index, step / "pipeline")
         except LedgerError as error:
             raise SystemExit(f"refusing to read {step}: {error}") from None
-        evaluation = json.loads((step / "metrics.json").read_text())["metrics"]
-        evaluated = {k: evaluation.get(k) for k in CHECKED}
+        evaluated = {k: evaluation["metrics"].get(k) for k in CHECKED}
         recorded = {k: records[index]["metrics"].get(k) for k in CHECKED}
         if evaluated != recorded:
             raise SystemExit(f"{step / 'metrics.json'} is not the evaluation ledger record {index} holds ({evaluated} "
@@ -210,7 +216,8 @@ def main(argv=None) -> None:
         raise SystemExit(str(error)) from None
     steps = run_steps(args.run, args.steps)
     model_dir = resolve_model_dir(run_cfg.model)
-    base_weights, step_weights = verified_weights(args.run, model_dir, steps)
+    evaluations = {step: json.loads((step / "metrics.json").read_text()) for step in steps}
+    base_weights, step_weights = verified_weights(args.run, model_dir, evaluations)
     torch.set_num_threads(run_cfg.threads)
     cfg = run_cfg.evaluate
     judge = load_judge(args.judge or run_cfg.judge).eval()
@@ -220,15 +227,14 @@ def main(argv=None) -> None:
     base_evaluation = json.loads((args.run / "base" / "metrics.json").read_text())
     base_judged = judged_on(model_dir, base_weights, base_evaluation["judged"], seeds, out / "base.json", judge, cfg)
     rows = []
-    for step in steps:
-        evaluation = json.loads((step / "metrics.json").read_text())
+    for step, evaluation in evaluations.items():
         judged = judged_on(
             step / "pipeline", step_weights[step], evaluation["judged"], seeds, out / f"{step.name}.json", judge, cfg
         )
         sets = {k: evaluation[k] for k in ("forgotten", "neighbors", "replayed")}
-        index, _, concept = step.name.partition("-")
+        index, concept = step_request(step)
         noise = step_noise(judged, base_judged, sets, judge.domains, seeds, len(cfg.seeds), bars)
-        rows.append({"index": int(index), "concept": concept, "step": step.name, "bars": noise})
+        rows.append({"index": index, "concept": concept, "step": step.name, "bars": noise})
         print(f"{step.name}: " + ", ".join(f"{k} {v['pooled']:.1f} [{min(v['groups']):.1f}-{max(v['groups']):.1f}]"
                                            for k, v in noise.items()), flush=True)  # fmt: skip
     write_json(out / "bars_noise.json", {"run": str(args.run), "seeds": seeds, "group": len(cfg.seeds), "bars": bars,

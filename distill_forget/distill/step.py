@@ -159,8 +159,8 @@ def plan_prompts(
     target_record["per_prompt"] = [{"prompt": p, "target": t, "mapped": m} for p, t, m in zip(forget, targets, mapped)]
     counts = target_record["counts"]
     target = main_target(counts) or ""
+    target_text = concept_prompt(target, request.kind) if cfg.world == "minicanvas" else target
     if neighbor_prompts and target:
-        target_text = concept_prompt(target, request.kind)
         if cfg.target.mode == "score":
             # how far the protected neighbours lie between the concept and the target (`target.between_margin`)
             ratios = between_ratios(concept_text, target_text, neighbor_prompts, distances)
@@ -171,7 +171,6 @@ def plan_prompts(
     # are chosen) are replayed with the neighbours.
     protected = []
     if cfg.target.protect > 0 and target:
-        target_text = concept_prompt(target, request.kind) if cfg.world == "minicanvas" else target
         nearby = {c: p for c, p in pool.items() if c not in neighbors and c != target}
         closest, ranking = choose_neighbors("score", target_text, nearby, cfg.target.protect - 1, [], distances)
         protected = [target, *closest]
