@@ -16,7 +16,9 @@ the weights they were drawn from, and a rerun reuses them (those of other weight
 replaced since, are drawn again). For each step and bar it gives the figure over disjoint groups
 of the evaluation's size (the first group is the loop's own reading; their spread is the noise of
 one reading) and over all the seeds pooled (`--seeds` / 3 times the images, the steadier figure),
-against the bars of `check.bars` in the run's config. Results: RUN/bars_noise/bars_noise.json and bars_noise.md.
+against the bars of `check.bars` in the run's config, and, pooled, how many images of each concept the judge reads
+as it (which forgotten concepts are still drawn, which others are drawn less than by the base model). Results:
+RUN/bars_noise/bars_noise.json and bars_noise.md.
 
 The quality figure's noise is `python -m distill_forget.quality_noise`'s.
 """
@@ -122,6 +124,32 @@ def step_noise(step_judged, base_judged, sets: dict, domains, seeds: list[int], 
     return out
 
 
+def concept_counts(step_judged, base_judged, sets: dict, domains, seeds: list[int]) -> dict[str, dict]:
+    """Per concept, all seeds pooled: its role, its images, and how many the judge reads as it, in the step's and
+    in the base model's (`metrics.per_concept`, the images the bars count)."""
+
+    def table(judged):
+        mine = [r for r in judged if r["seed"] in seeds]
+        return compute_metrics(mine, domains, sets["forgotten"], sets["neighbors"], sets["replayed"])["per_concept"]
+
+    step, base = table(step_judged), table(base_judged)
+    return {c: {"role": row["role"], "images": row["images"], "drawn": row["read_as"].get(c, 0),
+                "base_drawn": base[c]["read_as"].get(c, 0)} for c, row in step.items()}  # fmt: skip
+
+
+def where_drawn(counts: dict[str, dict], most: int = 5) -> tuple[str, str]:
+    """The forgotten concepts still drawn, and the other concepts drawn less than by the base model (the
+    `most` largest losses, neighbours marked), as markdown cells: `name drawn/images` (base's count)."""
+    forgotten = [(c, row) for c, row in counts.items() if row["role"] == "forgotten" and row["drawn"]]
+    lost = [(c, row) for c, row in counts.items() if row["role"] != "forgotten" and row["drawn"] < row["base_drawn"]]
+    forgotten.sort(key=lambda item: -item[1]["drawn"])
+    lost.sort(key=lambda item: item[1]["drawn"] - item[1]["base_drawn"])
+    still = ", ".join(f"{c} {row['drawn']}/{row['images']}" for c, row in forgotten) or "none"
+    less = ", ".join(f"{c}{' (n)' if row['role'] == 'neighbor' else ''} {row['drawn']}/{row['images']} "
+                     f"(base {row['base_drawn']})" for c, row in lost[:most])  # fmt: skip
+    return still, less or "none"
+
+
 def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict]) -> str:
     lines = [
         f"# How the bars' figures move by chance: {run}",
@@ -146,6 +174,22 @@ def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict]) -
             groups = bar["groups"]
             cells.append(f"{bar['pooled']:.1f} (loop {groups[0]:.1f}) [{min(groups):.1f} - {max(groups):.1f}]{under}")
         lines.append(f"| {row['index']} | {row['concept']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Which concepts the images show, all seeds pooled",
+        "",
+        (
+            "Images the judge reads as the concept, of the concept's images (a retained concept's leave out prompts "
+            "naming a forgotten one, as the bars do); for the others, the base model's count on the same images. "
+            "(n): a neighbour."
+        ),
+        "",
+        "| request | concept | forgotten concepts still drawn | drawn less than by the base model (largest losses) |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        still, less = where_drawn(row["concepts"])
+        lines.append(f"| {row['index']} | {row['concept']} | {still} | {less} |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +278,8 @@ def main(argv=None) -> None:
         sets = {k: evaluation[k] for k in ("forgotten", "neighbors", "replayed")}
         index, concept = step_request(step)
         noise = step_noise(judged, base_judged, sets, judge.domains, seeds, len(cfg.seeds), bars)
-        rows.append({"index": index, "concept": concept, "step": step.name, "bars": noise})
+        counts = concept_counts(judged, base_judged, sets, judge.domains, seeds)
+        rows.append({"index": index, "concept": concept, "step": step.name, "bars": noise, "concepts": counts})
         print(f"{step.name}: " + ", ".join(f"{k} {v['pooled']:.1f} [{min(v['groups']):.1f}-{max(v['groups']):.1f}]"
                                            for k, v in noise.items()), flush=True)  # fmt: skip
     write_json(out / "bars_noise.json", {"run": str(args.run), "seeds": seeds, "group": len(cfg.seeds), "bars": bars,

@@ -1,6 +1,7 @@
 """The bars' figures on more seeds: fresh seeds only, groups and pool computed as the loop does,
-the loop's own reading as the first group, a rerun that draws nothing again, judgements of
-other weights drawn again, and steps the run's ledger does not record refused."""
+the loop's own reading as the first group, the images of each concept counted, a rerun that draws
+nothing again, judgements of other weights drawn again, and steps the run's ledger does not record
+refused."""
 
 import json
 import shutil
@@ -9,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from distill_forget import bars_noise
-from distill_forget.bars_noise import step_noise, study_seeds
+from distill_forget.bars_noise import concept_counts, step_noise, study_seeds, where_drawn
 from distill_forget.check import against_bars
 from distill_forget.config import load_config, read_config
 from distill_forget.evaluate import evaluate_pipeline, load_judge
@@ -53,6 +54,12 @@ def test_each_group_and_the_pool_read_as_the_loop_reads_them():
     assert noise["nra"]["pooled"] == pytest.approx(91.67, abs=0.01) and noise["nra"]["groups_under"] == 1
     assert noise["ira"] == {"pooled": 100.0, "groups": [100.0, 100.0], "bar": None, "groups_under": None}
 
+    counts = concept_counts(_grid(seeds, misread), _grid(seeds), sets, domains, seeds)
+    assert counts["a"] == {"role": "forgotten", "images": 12, "drawn": 3, "base_drawn": 12}  # (a, x) on seeds 3-5
+    assert counts["b"] == {"role": "neighbor", "images": 12, "drawn": 11, "base_drawn": 12}
+    assert counts["c"] == {"role": "retained", "images": 12, "drawn": 12, "base_drawn": 12}
+    assert where_drawn(counts) == ("a 3/12", "b (n) 11/12 (base 12)")
+
 
 @pytest.fixture
 def evaluated_run(tmp_path, tiny_pipeline_dir, teacher_dir):
@@ -93,10 +100,11 @@ def test_a_run_read_on_more_seeds_starts_from_its_own_reading_and_reruns_without
     cached = json.loads((run / "bars_noise" / "01-star.json").read_text())["judged"]
     assert {r["seed"] for r in cached} == {13}  # only the drawn seed is kept; seed 0's are the evaluation's
     ua = row["bars"]["ua"]
-    assert (
-        f"| 1 | star | {ua['pooled']:.1f} (loop {ua['groups'][0]:.1f}) ["
-        in (run / "bars_noise" / "bars_noise.md").read_text()
-    )
+    star = row["concepts"]["star"]
+    assert star["role"] == "forgotten" and 100 * (1 - star["drawn"] / star["images"]) == pytest.approx(ua["pooled"])
+    table = (run / "bars_noise" / "bars_noise.md").read_text()
+    assert f"| 1 | star | {ua['pooled']:.1f} (loop {ua['groups'][0]:.1f}) [" in table
+    assert f"| 1 | star | {where_drawn(row['concepts'])[0]} |" in table
 
     def no_drawing(*args, **kwargs):
         raise AssertionError("a rerun drew images again")
