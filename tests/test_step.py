@@ -161,20 +161,6 @@ def test_prompts_avoid_the_eval_template_and_held_out_concepts():
     assert "circle" not in seen and all("circle" in mentioned(p) for p in groups.forgotten)
 
 
-def test_pair_with_forgotten_sets_the_forget_and_forgotten_prompts_among_forgotten_concepts():
-    request = Request("triangle", "object", neighbors=["plus sign"])
-    earlier = [Request("dots", "style"), Request("star", "object"), Request("neon", "style")]
-    off, _ = plan_prompts(request, earlier, fast_cfg(), distances=None, encoder=None)
-    on, _ = plan_prompts(request, earlier, fast_cfg("pair_with_forgotten=true"), distances=None, encoder=None)
-
-    named = lambda prompts: set().union(*(mentioned(p) for p in prompts))  # noqa: E731
-    assert not named(off.forget) & {"dots", "neon"} and named(on.forget) >= {"triangle", "dots", "neon"}
-    assert set(off.forget) < set(on.forget)  # the replayed pairings stay
-    assert "star" in named(p for p in on.forgotten if "dots" in mentioned(p))  # forgotten among forgotten
-    assert "triangle" not in named(on.forgotten)  # never the request's own concept: it is being forgotten
-    assert on.neighbor == off.neighbor and on.retain == off.retain
-
-
 def test_neighbours_of_earlier_requests_stay_replayed():
     request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", neighbors=["ring"])
     _, without = plan_prompts(request, [earlier], fast_cfg("retain.earlier_neighbors=false"), distances=None, encoder=None)

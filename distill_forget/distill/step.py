@@ -100,23 +100,19 @@ def plan_prompts(
         retained = [c for c in concepts.OBJECTS + concepts.STYLES if c not in gone]
         retain_replayed = [c for c in retained if (c in replayable or c in earlier_neighbors) and c not in neighbors]
 
-        def context(kind: str, with_forgotten: bool = False) -> list[str]:
+        def context(kind: str) -> list[str]:
             # Forget and neighbour prompts pair a concept with replayed concepts only, so a
-            # held-out concept appears in no training prompt at all; with `pair_with_forgotten`
-            # the forget and forgotten prompts also pair it with the concepts forgotten before.
-            names = retain_replayed + [f.concept for f in forgotten] if with_forgotten else retain_replayed
-            return [c for c in names if concepts.kind_of(c) == other_kind(kind)]
+            # held-out concept appears in no training prompt at all.
+            return [c for c in retain_replayed if concepts.kind_of(c) == other_kind(kind)]
 
-        paired = cfg.pair_with_forgotten
-        forget = request.prompts or in_context(request.concept, request.kind, context(request.kind, paired))
+        forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
         retain = retain_prompts(retain_replayed)
         fresh = set(retain_prompts([c for c in retain_replayed if c not in touched]))  # name untouched concepts only
         retain_touched = [p not in fresh for p in retain]
         def rows_of(names: list[str]) -> list[tuple[str, str]]:  # (concept, prompt): each named concept in its world contexts
             return [(n, p) for n in names for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
 
-        earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind, paired))
-                           for f in forgotten}  # fmt: skip
+        earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
         # Unless `target.among_neighbors`, the protected neighbours are not offered as the
         # replacement; unless `target.reuse`, neither are the targets of earlier requests; with
         # `target.avoid_pending`, neither are the concepts later requests will forget.
@@ -263,9 +259,7 @@ def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]
 
 
 # Settings that decide the plan itself: plan overrides are merged after planning, so they may not hold them.
-PLANNING_SETTINGS = (
-    "world", "seed", "forget_objective", "neighbors", "target", "score", "retain", "pair_with_forgotten"
-)  # fmt: skip
+PLANNING_SETTINGS = ("world", "seed", "forget_objective", "neighbors", "target", "score", "retain")
 
 # Training settings for a request whose plan has a value under a margin, merged once the plan is made, in this
 # order, the request's own overrides last: (the plan's record holding the value, its name, the margin's setting,
