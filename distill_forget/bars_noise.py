@@ -98,13 +98,18 @@ def judged_on(
     return [r for s in seeds for r in known[s]]
 
 
+def metrics_on(judged, sets: dict, domains, seeds: list[int]) -> dict:
+    """`compute_metrics` of the images of `seeds`, on the step's concept sets (forgotten, neighbours, replayed)."""
+    mine = [r for r in judged if r["seed"] in seeds]
+    return compute_metrics(mine, domains, sets["forgotten"], sets["neighbors"], sets["replayed"])
+
+
 def readings(step_judged, base_judged, sets: dict, domains, seeds: list[int]) -> dict[str, float]:
     """The bars' figures (`against_bars`) of one step on the images of `seeds`, base on the same seeds."""
 
     def metrics_of(judged):
-        mine = [r for r in judged if r["seed"] in seeds]
-        result = compute_metrics(mine, domains, sets["forgotten"], sets["neighbors"], sets["replayed"])
-        return {k: result["metrics"][k] for k in CHECKED}
+        metrics = metrics_on(judged, sets, domains, seeds)["metrics"]
+        return {k: metrics[k] for k in CHECKED}
 
     return against_bars(metrics_of(step_judged), metrics_of(base_judged))
 
@@ -127,12 +132,7 @@ def step_noise(step_judged, base_judged, sets: dict, domains, seeds: list[int], 
 def concept_counts(step_judged, base_judged, sets: dict, domains, seeds: list[int]) -> dict[str, dict]:
     """Per concept, all seeds pooled: its role, its images, and how many the judge reads as it, in the step's and
     in the base model's (`metrics.per_concept`, the images the bars count)."""
-
-    def table(judged):
-        mine = [r for r in judged if r["seed"] in seeds]
-        return compute_metrics(mine, domains, sets["forgotten"], sets["neighbors"], sets["replayed"])["per_concept"]
-
-    step, base = table(step_judged), table(base_judged)
+    step, base = (metrics_on(judged, sets, domains, seeds)["per_concept"] for judged in (step_judged, base_judged))
     return {c: {"role": row["role"], "images": row["images"], "drawn": row["read_as"].get(c, 0),
                 "base_drawn": base[c]["read_as"].get(c, 0)} for c, row in step.items()}  # fmt: skip
 
