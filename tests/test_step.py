@@ -593,11 +593,11 @@ def test_an_earlier_request_mapped_onto_the_concept_follows_it_to_its_new_target
 
 def test_chain_overrides_apply_where_an_earlier_request_was_mapped_onto_the_concept():
     cfg = fast_cfg()
-    assert dict(cfg.target.chain_overrides) == {"forget_overshoot": 0.5, "lambda_forgotten": 25.0}  # the default
+    assert dict(cfg.target.chain_overrides) == {"forget_overshoot": 1.0, "lambda_forgotten": 25.0}  # the default
     cross = Request("cross", "object", targets=["triangle"])  # cross -> triangle, earlier
     triangle = Request("triangle", "object", overrides={"lambda_forgotten": 10.0})
     chained = request_settings(cfg, triangle, [cross])
-    assert chained.forget_overshoot == 0.5 and chained.lambda_forgotten == 10.0  # the request's own overrides win
+    assert chained.forget_overshoot == 1.0 and chained.lambda_forgotten == 10.0  # the request's own overrides win
     plain = request_settings(cfg, Request("heart", "object"), [cross])
     assert plain.forget_overshoot == 0.0 and plain.lambda_forgotten == 5.0  # configs/step.yaml's own values
     off = OmegaConf.merge(fast_cfg(), {"target": {"chain_overrides": None}})  # null: none
