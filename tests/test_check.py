@@ -7,6 +7,7 @@ from test_train import FAST, finish, kill_when, train
 
 from distill_forget.check import against_bars, broken_bars, check_settings, decided, kept_attempt
 from distill_forget.config import load_config
+from distill_forget.distill.step import RECORD_FILE
 from distill_forget.ledger import Ledger
 
 BARS = {"ua": 95.0, "ira": 95.0, "cra": 95.0, "nra": 90.0}
@@ -86,5 +87,6 @@ def test_a_request_that_breaks_a_bar_is_retrained_without_its_target_and_a_kille
     spent = sum(a["seconds"] + a["check"]["seconds"] for a in record["check"]["attempts"])
     assert record["seconds"] >= spent - 0.1  # every attempt's training and check (each rounded)
     assert sorted(p.name for p in (folder / "attempts").iterdir()) == ["0.json", "1.json"]  # the students not kept go
+    assert "attempts" not in (folder / "pipeline" / RECORD_FILE).read_text()  # no folder it was renamed from
     assert not (folder / "checkpoints").exists()
     assert json.loads((run_dir / "base" / "check.json").read_text())["seeds"] == [5]

@@ -545,8 +545,7 @@ def run_step(
     teacher_evaluations, sampling_evaluations, student_evaluations = [sum(c) for c in zip(*per_rank)] if per_rank else [0] * 3
     record = {
         "request": request.to_dict(),
-        "teacher": str(teacher_dir),
-        "pipeline": str(out_dir),
+        "teacher": str(teacher_dir),  # no path of its own: it lies in the student folder, which the check renames
         **plan,
         "steps": trainer.global_step,
         "resumed_from": str(resume) if resume else None,
