@@ -545,7 +545,8 @@ def run_step(
     teacher_evaluations, sampling_evaluations, student_evaluations = [sum(c) for c in zip(*per_rank)] if per_rank else [0] * 3
     record = {
         "request": request.to_dict(),
-        "teacher": str(teacher_dir),  # no path of its own: it lies in the student folder, which the check renames
+        # no path of the student's own: the record lies in its folder, which the check may rename
+        "teacher": str(teacher_dir),
         **plan,
         "steps": trainer.global_step,
         "resumed_from": str(resume) if resume else None,
