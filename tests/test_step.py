@@ -176,6 +176,22 @@ def test_neighbours_of_earlier_requests_stay_replayed():
     assert groups.retain_touched == [False, True]  # `monet` was chosen as a neighbour by an earlier request
 
 
+def test_targets_of_earlier_requests_stay_replayed_when_asked():
+    request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", targets=["ring"])
+    _, default = plan_prompts(request, [earlier], fast_cfg(), distances=None, encoder=None)
+    assert "ring" in default["held_out_concepts"]  # held out by the seeded draw, and off by default
+    groups, plan = plan_prompts(request, [earlier], fast_cfg("retain.earlier_targets=true"), distances=None, encoder=None)
+    assert "ring" in plan["retain_replayed"] and "ring" not in plan["held_out_concepts"]
+    assert any("ring" in mentioned(p) for p in groups.retain)
+
+    real = Request("van gogh", "style", prompts=["a tree by van gogh"], targets=["a painter"])
+    groups, _ = plan_prompts(Request("picasso", "style", prompts=["a cat by picasso"]), [real],
+                             fast_cfg("world=none", "retain.prompts=[a dog]", "retain.earlier_targets=true"),
+                             distances=None, encoder=None)  # fmt: skip
+    assert groups.retain == ["a dog", "a tree by a painter"]
+    assert groups.retain_touched == [False, True]  # `a painter` was an earlier request's target
+
+
 def test_real_model_neighbours_come_from_the_concept_bank(tmp_path):
     bank = tmp_path / "bank.yaml"
     bank.write_text("style: [Claude Monet, Van Gogh, Rembrandt, pixel art]\nobject: [dog]\n")

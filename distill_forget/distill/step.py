@@ -81,6 +81,10 @@ def plan_prompts(
     # Neighbours of earlier requests stay replayed (`retain.earlier_neighbors`): they were the
     # first damaged then, and nothing else would hold them now.
     earlier_neighbors = [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
+    # With `retain.earlier_targets`, so do their targets: what a forgotten concept was mapped onto
+    # moved with it, and a held-out target is otherwise never replayed again.
+    earlier_targets = [t for f in forgotten for t in f.targets if t and t not in gone]
+    earlier_targets = earlier_targets if cfg.retain.earlier_targets else []
     touched = {c for f in forgotten for c in (*f.neighbors, *f.targets)}  # by earlier requests
     if cfg.world == "minicanvas":
         pool = neighbor_pool(request.kind, gone)
@@ -98,7 +102,8 @@ def plan_prompts(
         neighbor_prompts = {n: concept_prompt(n, concepts.kind_of(n)) for n in neighbors}
         replayable = replayable_concepts(cfg.retain.replay_fraction, cfg.seed)
         retained = [c for c in concepts.OBJECTS + concepts.STYLES if c not in gone]
-        retain_replayed = [c for c in retained if (c in replayable or c in earlier_neighbors) and c not in neighbors]
+        kept_replayed = {*earlier_neighbors, *earlier_targets}
+        retain_replayed = [c for c in retained if (c in replayable or c in kept_replayed) and c not in neighbors]
 
         def context(kind: str) -> list[str]:
             # Forget and neighbour prompts pair a concept with replayed concepts only, so a
@@ -136,6 +141,8 @@ def plan_prompts(
         forget = list(request.prompts)
         retain = list(cfg.retain.prompts)
         retain += [replace_concept(p, f.concept, n) for f in forgotten for n in f.neighbors if n in earlier_neighbors
+                   for p in (f.prompts or [f.concept])]  # fmt: skip
+        retain += [replace_concept(p, f.concept, t) for f in forgotten for t in f.targets if t in earlier_targets
                    for p in (f.prompts or [f.concept])]  # fmt: skip
         def rows_of(names: list[str]) -> list[tuple[str, str]]:  # the forget prompts with each concept in place
             return [(n, replace_concept(p, request.concept, n)) for n in names for p in forget]
