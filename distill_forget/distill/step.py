@@ -82,7 +82,8 @@ def plan_prompts(
     # first damaged then, and nothing else would hold them now.
     earlier_neighbors = [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
     # With `retain.earlier_targets`, so do their targets: what a forgotten concept was mapped onto
-    # moved with it, and a held-out target is otherwise never replayed again.
+    # moved with it, and a held-out target is otherwise replayed only if a later request chooses
+    # it as a neighbour.
     earlier_targets = [t for f in forgotten for t in f.targets if t and t not in gone]
     earlier_targets = earlier_targets if cfg.retain.earlier_targets else []
     touched = {c for f in forgotten for c in (*f.neighbors, *f.targets)}  # by earlier requests
@@ -102,8 +103,8 @@ def plan_prompts(
         neighbor_prompts = {n: concept_prompt(n, concepts.kind_of(n)) for n in neighbors}
         replayable = replayable_concepts(cfg.retain.replay_fraction, cfg.seed)
         retained = [c for c in concepts.OBJECTS + concepts.STYLES if c not in gone]
-        kept_replayed = {*earlier_neighbors, *earlier_targets}
-        retain_replayed = [c for c in retained if (c in replayable or c in kept_replayed) and c not in neighbors]
+        earlier_replayed = {*earlier_neighbors, *earlier_targets}
+        retain_replayed = [c for c in retained if (c in replayable or c in earlier_replayed) and c not in neighbors]
 
         def context(kind: str) -> list[str]:
             # Forget and neighbour prompts pair a concept with replayed concepts only, so a
