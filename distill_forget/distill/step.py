@@ -84,8 +84,8 @@ def plan_prompts(
     # With `retain.earlier_targets`, so do their targets: what a forgotten concept was mapped onto
     # moved with it, and a held-out target is otherwise replayed only if a later request chooses
     # it as a neighbour.
-    earlier_targets = [t for f in forgotten for t in f.targets if t and t not in gone]
-    earlier_targets = earlier_targets if cfg.retain.earlier_targets else []
+    earlier_targets = ([t for f in forgotten for t in f.targets if t and t not in gone]
+                       if cfg.retain.earlier_targets else [])
     touched = {c for f in forgotten for c in (*f.neighbors, *f.targets)}  # by earlier requests
     if cfg.world == "minicanvas":
         pool = neighbor_pool(request.kind, gone)
