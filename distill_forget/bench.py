@@ -152,8 +152,12 @@ def main(argv=None) -> None:
     if len(set(cfg.methods)) != len(cfg.methods):
         raise SystemExit(f"methods lists a method twice: {list(cfg.methods)}")
     methods = {m: load_method(m) for m in cfg.methods}  # every method file checked before any work,
-    # the bench config's `train` and the command line's settings override the method's (config=bench-quick shortens all)
-    arguments = {m: [*common, *method_args, *cfg.train, *forwarded, f"run_dir={out / m}"] for m, (_, method_args) in methods.items()}
+    # the bench config's `train` and the command line's settings override the method's
+    # (config=bench-quick shortens all)
+    arguments = {
+        m: [*common, *method_args, *cfg.train, *forwarded, f"run_dir={out / m}"]
+        for m, (_, method_args) in methods.items()
+    }
     for args in arguments.values():  # and every setting, by the loop's own config checks
         loop_cfg = load_config("train", args, sections=("step", "evaluate"))
         train.check_loop_settings(loop_cfg)
@@ -173,7 +177,8 @@ def main(argv=None) -> None:
         train.main(args)
         first_run = first_run or run_dir
         summaries[method] = method_summary(method, description, run_dir, args)
-        write_bench(out, cfg.requests, summaries, 1, cfg.threads, forwarded)  # after each method: partial results are readable
+        # after each method: partial results are readable
+        write_bench(out, cfg.requests, summaries, 1, cfg.threads, forwarded)
     print(f"\nbench done: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
 
 
@@ -195,7 +200,7 @@ def run_in_parallel(cfg, out: Path, methods: dict, arguments: dict, command_line
         while waiting and len(running) < cfg.jobs:
             name = waiting.pop(0)
             (out / name).mkdir(parents=True, exist_ok=True)
-            log = open(out / name / "bench.log", "a")
+            log = open(out / name / "bench.log", "a")  # noqa: SIM115 - open while the process runs, closed below
             command = [sys.executable, "-m", "distill_forget.train", *arguments[name], f"threads={threads}"]
             running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, time.time())
             print(f"[bench] {name} started ({methods[name][0]}); log {out / name / 'bench.log'}", flush=True)
@@ -208,11 +213,17 @@ def run_in_parallel(cfg, out: Path, methods: dict, arguments: dict, command_line
             minutes = (time.time() - started) / 60
             if process.returncode != 0:
                 failed.append(name)
-                print(f"[bench] {name} FAILED (exit {process.returncode}) after {minutes:.1f} min; see {out / name / 'bench.log'}", flush=True)
+                print(
+                    f"[bench] {name} FAILED (exit {process.returncode}) after {minutes:.1f} min;"
+                    f" see {out / name / 'bench.log'}",
+                    flush=True,
+                )
                 continue
             print(f"[bench] {name} done in {minutes:.1f} min", flush=True)
             summaries[name] = method_summary(name, methods[name][0], out / name, arguments[name])
-            write_bench(out, cfg.requests, {n: summaries[n] for n in names if n in summaries}, cfg.jobs, threads, command_line)
+            write_bench(
+                out, cfg.requests, {n: summaries[n] for n in names if n in summaries}, cfg.jobs, threads, command_line
+            )
     if failed:
         raise SystemExit(f"bench: methods {failed} failed (their logs: OUT/<method>/bench.log); rerun to continue them")
     print(f"\nbench done: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
@@ -221,7 +232,9 @@ def run_in_parallel(cfg, out: Path, methods: dict, arguments: dict, command_line
 # ---------------------------------------------------------------- results
 
 
-def write_bench(out: Path, requests: str, summaries: dict, jobs: int = 1, threads: int | None = None, command_line=()) -> None:
+def write_bench(
+    out: Path, requests: str, summaries: dict, jobs: int = 1, threads: int | None = None, command_line=()
+) -> None:
     """`command_line`: the settings given on the bench's command line, over every method's own file."""
     bench = {"requests": requests, "jobs": jobs, "threads_per_method": threads, "command_line": list(command_line),
              "methods": summaries}  # fmt: skip
@@ -257,15 +270,22 @@ def format_markdown(bench: dict) -> str:
         last = m["steps"][-1]
         rel = " / ".join(_cell(last["relative_to_base"].get(f"{k}_rel")) for k in RETENTION)
         cells = [_cell(last["metrics"][k], k) for k in MAIN_METRICS]
-        lines.append(f"| {name} | {last['setting']} | " + " | ".join(cells) + f" | {rel} | {last['cumulative_seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {last['setting']} | " + " | ".join(cells) + f" | {rel} | {last['cumulative_seconds']:.0f} |"
+        )
     lines += ["", "Methods:", ""] + [f"- `{name}`: {m['description']}" for name, m in methods.items()]
     if bench.get("command_line"):  # a method's description names its file's settings, not these
-        lines += ["", "Set on the command line for every method, over its file: " + " ".join(f"`{a}`" for a in bench["command_line"])]
+        lines += [
+            "",
+            "Set on the command line for every method, over its file: "
+            + " ".join(f"`{a}`" for a in bench["command_line"]),
+        ]
     lines += [
         "",
         "## Over the whole sequence",
         "",
-        "Mean over requests 1 to the last of UA and of retention vs base (%), and the lowest retention any request left.",
+        "Mean over requests 1 to the last of UA and of retention vs base (%),"
+        " and the lowest retention any request left.",
         "",
         "| method | requests | mean UA | mean IRA / CRA / NRA vs base % | lowest IRA / CRA / NRA vs base % |",
         "|---|---|---|---|---|",
@@ -278,7 +298,9 @@ def format_markdown(bench: dict) -> str:
     count = max((len(m["steps"]) for m in methods.values()), default=0)
     for key in [*MAIN_METRICS, "cumulative_seconds"]:
         title = TITLES.get(key, "cumulative cost: wall seconds of training, evaluation excluded")
-        lines += ["", f"## {title}", "", "| method | " + " | ".join(["0 (base)", *map(str, range(1, count + 1))]) + " |"]
+        lines += [
+            "", f"## {title}", "", "| method | " + " | ".join(["0 (base)", *map(str, range(1, count + 1))]) + " |"
+        ]
         lines.append("|" + "---|" * (count + 2))
         for name, m in methods.items():
             base = "-" if key == "cumulative_seconds" else _cell(m["base"].get(key), key)
@@ -297,7 +319,9 @@ def plot_bench(bench: dict, path: Path) -> None:
         axes = figure.add_subplot(2, 3, position)
         for name, m in methods.items():
             start = [(0, 0.0 if key == "cumulative_seconds" else m["base"].get(key))]
-            points = start + [(s["index"], s[key] if key == "cumulative_seconds" else s["metrics"][key]) for s in m["steps"]]
+            points = start + [
+                (s["index"], s[key] if key == "cumulative_seconds" else s["metrics"][key]) for s in m["steps"]
+            ]
             points = [(x, y) for x, y in points if _is_number(y)]
             if points:
                 axes.plot(*zip(*points), marker="o", label=name)

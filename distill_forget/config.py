@@ -51,7 +51,9 @@ def load_config(name: str, argv: list[str] | None = None, doc: str = "", section
         settings = OmegaConf.load(preset_path)
         unknown = [k for k in _flat_keys(settings) if not _known(base, k)]
         if unknown:
-            raise SystemExit(f"{preset_path}: unknown setting(s) {unknown}; see --help for the settings of this command")
+            raise SystemExit(
+                f"{preset_path}: unknown setting(s) {unknown}; see --help for the settings of this command"
+            )
         base = OmegaConf.merge(base, settings)
     overrides = OmegaConf.from_dotlist(argv)
     unknown = [k for k in _flat_keys(overrides) if not _known(base, k)]

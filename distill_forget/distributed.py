@@ -90,5 +90,5 @@ class Ranks:
 def current_ranks() -> Ranks:
     """The ranks of an open process group (inside or after `Trainer.fit`), or a single process."""
     if dist.is_available() and dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return Ranks()

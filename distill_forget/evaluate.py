@@ -220,7 +220,10 @@ def main(argv=None) -> None:
     write_json(out / "metrics.json", result)
     save_grid_png(images[: len(grid_pairs())], out / "grid.png")
     print(format_table(result))
-    print(f"{result['images']} images in {result['seconds']} s; results in {out / 'metrics.json'} and {out / 'grid.png'}")
+    print(
+        f"{result['images']} images in {result['seconds']} s;"
+        f" results in {out / 'metrics.json'} and {out / 'grid.png'}"
+    )
 
 
 if __name__ == "__main__":

@@ -54,15 +54,15 @@ UNETS = {
     # UNet2DConditionModel's defaults are SD v1.x's layout: 4 levels (320-1280), attention at 3.
     "sd15": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
     "sd21": dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                 use_linear_projection=True, upcast_attention=True),  # fmt: skip
+                 use_linear_projection=True, upcast_attention=True),
     "sdxl": dict(
         sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
         transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
-    ),  # fmt: skip
-}
+    ),
+}  # fmt: skip
 VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
            block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # fmt: skip
 IMAGE_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
@@ -80,8 +80,9 @@ PUBLISHED_PARAMETERS = {
 
 
 def text_encoder(tokenizer, architecture: dict, with_projection=False):
-    config = CLIPTextConfig(vocab_size=CLIP_VOCAB, max_position_embeddings=CLIP_TOKENS, pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **architecture)  # fmt: skip
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB, max_position_embeddings=CLIP_TOKENS,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, **architecture)  # fmt: skip
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
@@ -116,7 +117,7 @@ def build_pipeline(family: str, words=()):
 def request_words(requests_file: Path) -> list[str]:
     """Every word of a request file and of the shipped concept bank (neighbour candidates)."""
     text = json.dumps([yaml.safe_load(requests_file.read_text()), yaml.safe_load(CONCEPT_BANK.read_text())])
-    return sorted({w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split()})
+    return sorted(set("".join(c if c.isalnum() else " " for c in text.lower()).split()))
 
 
 def save_random_pipeline(family: str, folder: Path, requests_file: Path) -> float:
@@ -164,7 +165,9 @@ def measure(model_dir: Path, config: str, requests_file: Path, run_dir: Path, ov
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--family", choices=FAMILIES, required=True)
     parser.add_argument("--work", type=Path, required=True, help="folder for the pipeline, the run and the figures")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps (the configs' 300 scale linearly)")
@@ -178,7 +181,8 @@ def main(argv=None) -> None:
     run_dir = args.work / f"run-{args.family}"
     shutil.rmtree(run_dir, ignore_errors=True)
     figures = {"family": args.family, "seconds_building": round(built, 1),
-               **measure(model_dir, f"models/{args.family}", requests_file, run_dir, [f"step.steps={args.steps}", *overrides])}  # fmt: skip
+               **measure(model_dir, f"models/{args.family}", requests_file, run_dir,
+                         [f"step.steps={args.steps}", *overrides])}  # fmt: skip
     write_json(args.work / f"{args.family}.json", figures)
     print(json.dumps(figures, indent=1), flush=True)
     if not args.keep:

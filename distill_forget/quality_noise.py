@@ -50,7 +50,7 @@ def group_sizes(per_evaluation: int, count: int) -> list[int]:
     while size < count and count % size == 0:
         sizes.append(size)
         size *= 2
-    return sizes + [count]
+    return [*sizes, count]
 
 
 def rise_by_sample_size(model, base, prompts, forgotten, seeds, per_evaluation, judge, cfg) -> list[dict]:

@@ -8,7 +8,6 @@ OUT/comparison.json and a table (OUT/comparison.md): wall seconds, teacher evalu
 IRA/CRA/NRA and their never-replayed variants, each also relative to the base model.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -35,7 +34,9 @@ def main(argv=None) -> None:
     judge, device = load_judge(cfg.judge), pick_device(cfg.evaluate.device)
     if load_base(out) is None:
         print("[base] evaluating the starting model", flush=True)
-        evaluate_step(model_dir, judge, cfg, {"forgotten": [], "replayed": None}, out / "base", device, keep_images=True)
+        evaluate_step(
+            model_dir, judge, cfg, {"forgotten": [], "replayed": None}, out / "base", device, keep_images=True
+        )
     base = load_base(out)
     rows = {}
     for mode in cfg.modes:
@@ -71,12 +72,18 @@ def format_table(summary: dict) -> str:
     lines = [f"Forgetting {summary['concept']!r} ({summary['kind']}), {summary['steps']} optimizer steps", "",
              "| mode | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]  # fmt: skip
     first = next(iter(summary["modes"].values()))
-    lines.append("| base | - | - | " + " | ".join("-" if first["base_metrics"].get(k) is None else str(first["base_metrics"][k]) for k in KEYS) + " | - | - |")
+    lines.append(
+        "| base | - | - | "
+        + " | ".join("-" if first["base_metrics"].get(k) is None else str(first["base_metrics"][k]) for k in KEYS)
+        + " | - | - |"
+    )
     for mode, row in summary["modes"].items():
         rel = row["relative_to_base"]
         seen = " / ".join(str(rel.get(f"{k}_rel", "-")) for k in ("ira", "cra", "nra"))
         unseen = " / ".join(str(rel.get(f"{k}_unseen_rel", "-")) for k in ("ira", "cra", "nra"))
-        cells = [row["seconds"]["total"], row["evaluations"]["teacher"], *(row["metrics"][k] for k in KEYS), seen, unseen]
+        cells = [
+            row["seconds"]["total"], row["evaluations"]["teacher"], *(row["metrics"][k] for k in KEYS), seen, unseen
+        ]
         lines.append(f"| {mode} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     if "wall_time_ratio_per_step_over_bank" in summary:
         lines += ["", f"wall time per_step / bank: {summary['wall_time_ratio_per_step_over_bank']}x"]

@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from callbacks import WandbReport
 from distill_forget.check import check_settings, evaluate_base_check, train_checked
 from distill_forget.config import load_config, resolve_model_dir
-from distill_forget.distributed import Ranks
 from distill_forget.distill.step import RECORD_FILE, run_step, save_student, with_plan_overrides
+from distill_forget.distributed import Ranks
 from distill_forget.evaluate import evaluate_pipeline, load_judge, retained_quality, save_grid_png
 from distill_forget.ledger import Ledger, LedgerError, step_dir, utc_now, weights_hash
 from distill_forget.merging import MERGE_METHODS, merge_states, unet_state
@@ -52,7 +52,7 @@ def save_changed_weights(teacher_dir: Path, student_dir: Path, path: Path) -> in
         changed = {}
         for file in unet_weight_files(student_dir):
             student = files.enter_context(safe_open(file, "pt"))
-            for name in student.keys():
+            for name in student.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 tensor = student.get_tensor(name)
                 if name not in teacher or not torch.equal(tensor, teacher[name].get_tensor(name)):
                     changed[name] = tensor.contiguous()
@@ -78,7 +78,10 @@ def prepare_run_dir(cfg, requests_path: Path, run_dir: Path, write: bool = True)
                 "use another run_dir, or a request file that keeps those requests first, in order"
             )
         if write:
-            print(f"run {run_dir}: {len(now) - len(before)} request(s) appended to the {len(before)} it was started with", flush=True)
+            print(
+                f"run {run_dir}: {len(now) - len(before)} request(s) appended to the {len(before)} it was started with",
+                flush=True,
+            )
     if not write:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,9 @@ def evaluation_for(records_so_far: list[dict], setting: str = "sequential") -> d
     return {"forgotten": forgotten, "replayed": replayed}
 
 
-def evaluate_step(pipe_dir: Path, judge, cfg, sets: dict, out_dir: Path, device, keep_images=False, ranks=None) -> dict | None:
+def evaluate_step(
+    pipe_dir: Path, judge, cfg, sets: dict, out_dir: Path, device, keep_images=False, ranks=None
+) -> dict | None:
     """Evaluate and write the results (rank 0); the other ranks draw their share of the images and get None."""
     pipe = load_pipeline(pipe_dir, device)
     result, images = evaluate_pipeline(pipe, judge, cfg.evaluate, sets["forgotten"], None, sets["replayed"], ranks)
@@ -141,7 +146,10 @@ def evaluate_base(argv) -> None:
     print("[base] evaluating the starting model", flush=True)
     sets = {"forgotten": [], "replayed": None}
     device = pick_device(cfg.evaluate.device)
-    evaluate_step(resolve_model_dir(cfg.model), load_judge(cfg.judge), cfg, sets, Path(cfg.run_dir) / "base", device, keep_images=True)
+    evaluate_step(
+        resolve_model_dir(cfg.model), load_judge(cfg.judge), cfg, sets, Path(cfg.run_dir) / "base", device,
+        keep_images=True,
+    )
 
 
 def base_metrics_for(run_dir: Path, base: dict, judge, cfg, sets: dict, neighbors) -> dict:
@@ -210,7 +218,8 @@ def main(argv=None) -> None:
             record = records[index - 1]
             if record["request"]["concept"] != request.concept:
                 raise SystemExit(f"ledger record {index} forgot {record['request']['concept']!r}, "
-                                 f"but request {index} is {request.concept!r}: the run folder belongs to other requests")  # fmt: skip
+                                 f"but request {index} is {request.concept!r}: "
+                                 "the run folder belongs to other requests")  # fmt: skip
             try:
                 ledger.verify_weights(index, pipeline_dir)
             except (LedgerError, FileNotFoundError) as err:
@@ -236,7 +245,8 @@ def main(argv=None) -> None:
         if base is not None:
             write_report(run_dir, {"metrics": base_metrics}, step_rows)
         if report is not None:
-            report.request_done(record, folder, ledger.path, base_metrics, log=new)  # logged once, by the job that ran it
+            # logged once, by the job that ran it
+            report.request_done(record, folder, ledger.path, base_metrics, log=new)
     if report is not None:
         report.finish()
     say(f"all {len(requests)} requests done; final model {teacher_dir}; report {run_dir / 'report.md'}; "
@@ -256,10 +266,13 @@ def as_carried_out(run_dir: Path, earlier: list) -> list:
 
 
 def run_request(cfg, index, request, requests, teacher_dir, folder, records, judge, device, model_dir,
-                ranks=Ranks(), report=None) -> dict | None:  # fmt: skip
+                ranks=None, report=None) -> dict | None:  # fmt: skip
     """One request on every rank; its ledger record on rank 0, None on the others."""
+    ranks = ranks or Ranks()
     if ranks.is_main:
-        print(f"[{index}/{len(requests)}] forgetting {request.concept!r} ({request.kind}) from {teacher_dir}", flush=True)
+        print(
+            f"[{index}/{len(requests)}] forgetting {request.concept!r} ({request.kind}) from {teacher_dir}", flush=True
+        )
     started = utc_now()
     t0 = time.time()
     pipeline_dir = folder / "pipeline"
@@ -295,7 +308,9 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         step_record = run_step(teacher_dir, request, cfg.step, student_dir, checkpoint_dir=folder / "checkpoints",
                                **step_kwargs)  # fmt: skip
     if merging and ranks.is_main:
-        students = [step_dir(folder.parent.parent, k, r.concept) / "independent" for k, r in enumerate(requests[:index], 1)]
+        students = [
+            step_dir(folder.parent.parent, k, r.concept) / "independent" for k, r in enumerate(requests[:index], 1)
+        ]
         merged = merge_students(cfg.merge, Path(model_dir), students, pipeline_dir)
     ranks.barrier()
     seconds = round(time.time() - t0 + trained_earlier, 1)  # the request's cost with its checks, without evaluation
@@ -362,7 +377,9 @@ def merge_students(merge_cfg, base_dir: Path, student_dirs: list[Path], out_dir:
     """The merge of independent students (pipeline folders), saved as a pipeline folder; its record."""
     print(f"[merge] {merge_cfg.method} of {len(student_dirs)} independent students", flush=True)
     base = unet_state(base_dir)
-    merged = merge_states(base, [unet_state(d) for d in student_dirs], merge_cfg.method, merge_cfg.scale, merge_cfg.top_k)
+    merged = merge_states(
+        base, [unet_state(d) for d in student_dirs], merge_cfg.method, merge_cfg.scale, merge_cfg.top_k
+    )
     unet = load_pipeline(base_dir).unet
     unet.load_state_dict(merged)
     record = {"merge": {**OmegaConf.to_container(merge_cfg), "students": [str(d) for d in student_dirs]}}

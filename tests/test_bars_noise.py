@@ -29,7 +29,8 @@ def test_the_added_seeds_are_none_the_run_used():
 
 def _grid(seeds, misread=lambda prompt, seed: {}):
     objects, styles = ["a", "b", "c"], ["x", "y"]
-    return [{"prompt": {"object": o, "style": s}, "seen": {"object": o, "style": s, **misread((o, s), seed)}, "seed": seed}
+    return [{"prompt": {"object": o, "style": s}, "seen": {"object": o, "style": s, **misread((o, s), seed)},
+             "seed": seed}
             for seed in seeds for o in objects for s in styles]  # fmt: skip
 
 
@@ -122,7 +123,7 @@ def test_a_folder_that_is_no_run_an_unknown_step_or_a_cut_off_cache_is_refused_b
         bars_noise.main([str(run), "--steps", "02-heart"])
     (run / "bars_noise").mkdir()
     (run / "bars_noise" / "base.json").write_text('{"judged": [')  # cut off
-    with pytest.raises(SystemExit, match="base.json is not a judgement file of bars_noise"):
+    with pytest.raises(SystemExit, match=r"base.json is not a judgement file of bars_noise"):
         bars_noise.main([str(run)])
 
 
@@ -171,7 +172,7 @@ def test_a_step_or_model_other_than_the_ledger_records_is_refused_before_drawing
 
     shutil.rmtree(step / "pipeline")  # replaced by other weights after the request finished
     shutil.copytree(tiny_pipeline_dir, step / "pipeline")
-    with pytest.raises(SystemExit, match="refusing to read .*01-star: .*weights do not match ledger record 1"):
+    with pytest.raises(SystemExit, match=r"refusing to read .*01-star: .*weights do not match ledger record 1"):
         bars_noise.main([str(run), "--seeds", "2"])
     shutil.rmtree(step / "pipeline")
     shutil.copytree(teacher_dir, step / "pipeline")

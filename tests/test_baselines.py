@@ -47,12 +47,16 @@ def test_esd_and_ablation_are_zero_exactly_when_nothing_is_to_be_learned(network
     student = Denoiser(student_unet)
     torch.manual_seed(0)
     z0 = torch.randn(2, *teacher.latent_shape)
-    concept, anchor, empty = encoder(["a star in mosaic style"] * 2), encoder(["a square in mosaic style"] * 2), encoder([""] * 2)
+    concept, anchor, empty = (
+        encoder(["a star in mosaic style"] * 2), encoder(["a square in mosaic style"] * 2), encoder([""] * 2)
+    )
 
     def loss(objective, *embeds):
         return objective(student, teacher, z0, *embeds)
 
-    esd, ablation = ESD(training_scheduler(), 1.0, GlobalBatch(0)), ConceptAblation(training_scheduler(), GlobalBatch(0))
+    esd, ablation = (
+        ESD(training_scheduler(), 1.0, GlobalBatch(0)), ConceptAblation(training_scheduler(), GlobalBatch(0))
+    )
     # ESD: the unconditional prompt has no concept to guide away from; ablation: a prompt onto itself.
     # (Zero up to rounding: the teacher's rows are batched with others, so its sums round differently.)
     assert loss(esd, empty, empty).item() == pytest.approx(0.0, abs=1e-10)
@@ -79,8 +83,12 @@ def test_a_naive_method_trains_only_its_forget_objective_on_its_latents(tiny_pip
 
 
 def test_unknown_forget_objective_is_named(tiny_pipeline_dir):
-    with pytest.raises(ValueError, match=r"forget_objective must be one of \('distill', 'esd', 'ablation'\) \(got 'esd2'\)"):
-        build_module(tiny_pipeline_dir, Request("circle", "object"), load_config("step", [*FAST, "forget_objective=esd2"]))
+    with pytest.raises(
+        ValueError, match=r"forget_objective must be one of \('distill', 'esd', 'ablation'\) \(got 'esd2'\)"
+    ):
+        build_module(
+            tiny_pipeline_dir, Request("circle", "object"), load_config("step", [*FAST, "forget_objective=esd2"])
+        )
 
 
 # ---------------------------------------------------------------- L1-SP / L2-SP and selective fine-tuning
@@ -106,7 +114,7 @@ def test_selective_mask_keeps_exactly_the_global_top_k():
     assert masks["b"].tolist() == [True, False, True]
     big = {"w": torch.rand(100, 10), "v": torch.rand(37)}
     assert sum(int(m.sum()) for m in top_k_mask(big, 0.05).values()) == round(0.05 * 1037)
-    with pytest.raises(ValueError, match="selective.fraction"):
+    with pytest.raises(ValueError, match=r"selective.fraction"):
         top_k_mask(scores, 0.0)
 
 
@@ -156,7 +164,8 @@ def test_projected_updates_keep_the_keys_and_values_of_protected_embeddings(tiny
 def test_projection_protects_only_the_groups_it_is_given(tiny_pipeline_dir):
     cfg = load_config("step", [*FAST, "steps=3", "lr=1e-2", "warmup=1", "trainable=cross_attention_kv",
                                "forget_objective=ablation", "regularizers.projection.enabled=true",
-                               "regularizers.projection.protect=[neighbor]", "regularizers.projection.dedup_cosine=null"])  # fmt: skip
+                               "regularizers.projection.protect=[neighbor]",
+                               "regularizers.projection.dedup_cosine=null"])  # fmt: skip
     module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])
     before = copy.deepcopy(module.unet)
     make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
@@ -167,7 +176,7 @@ def test_projection_protects_only_the_groups_it_is_given(tiny_pipeline_dir):
 def test_projection_refuses_an_unknown_group(tiny_pipeline_dir):
     cfg = load_config("step", [*FAST, "trainable=cross_attention_kv", "regularizers.projection.enabled=true",
                                "regularizers.projection.protect=[retained]"])  # fmt: skip
-    with pytest.raises(ValueError, match="projection.protect must list groups among"):
+    with pytest.raises(ValueError, match=r"projection.protect must list groups among"):
         build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])
 
 
@@ -212,9 +221,13 @@ def test_merging_hand_made_task_vectors():
     base = {"w": torch.tensor([0.0, 0.0, 0.0, 0.0]), "b": torch.tensor([1.0])}
     one = {"w": torch.tensor([1.0, -2.0, 0.5, 0.0]), "b": torch.tensor([1.0])}
     two = {"w": torch.tensor([3.0, 1.0, -0.5, 0.0]), "b": torch.tensor([2.0])}
-    assert torch.equal(merge_states(base, [one, two], "task_arithmetic", scale=0.5)["w"], torch.tensor([2.0, -0.5, 0.0, 0.0]))
+    assert torch.equal(
+        merge_states(base, [one, two], "task_arithmetic", scale=0.5)["w"], torch.tensor([2.0, -0.5, 0.0, 0.0])
+    )
     uniform = merge_states(base, [one, two], "uniform")
-    assert torch.equal(uniform["w"], torch.tensor([2.0, -0.5, 0.0, 0.0])) and torch.equal(uniform["b"], torch.tensor([1.5]))
+    assert torch.equal(uniform["w"], torch.tensor([2.0, -0.5, 0.0, 0.0])) and torch.equal(
+        uniform["b"], torch.tensor([1.5])
+    )
     # trim: the top 40 % (2 of 5) entries by magnitude over all of the vector's tensors
     assert torch.equal(trim({"w": torch.tensor([1.0, -2.0, 0.5, 0.0]), "b": torch.tensor([0.0])}, 0.4)["w"],
                        torch.tensor([1.0, -2.0, 0.0, 0.0]))  # fmt: skip
@@ -222,7 +235,7 @@ def test_merging_hand_made_task_vectors():
     ties = merge_states(base, [one, two], "ties", scale=1.0, top_k=1.0)
     assert torch.equal(ties["w"], torch.tensor([2.0, -2.0, 0.0, 0.0]))
     assert torch.equal(ties["b"], torch.tensor([2.0]))  # taus 0 and 1: a zero entry casts no vote
-    with pytest.raises(ValueError, match="merge.method"):
+    with pytest.raises(ValueError, match=r"merge.method"):
         merge_states(base, [one], "average")
 
 
@@ -231,9 +244,15 @@ def test_ledger_chains_independent_requests_to_the_starting_model(tmp_path):
 
     ledger = Ledger(tmp_path / "ledger.jsonl")
     fields = {"settings": {}, "started": "", "finished": "", "targets": {}, "neighbors": {}, "metrics": {}}
-    ledger.append({"index": 1, "request": {}, "setting": "independent", "input_hash": "base", "output_hash": "a", **fields})
-    ledger.append({"index": 2, "request": {}, "setting": "independent", "input_hash": "base", "output_hash": "b", **fields})
+    ledger.append(
+        {"index": 1, "request": {}, "setting": "independent", "input_hash": "base", "output_hash": "a", **fields}
+    )
+    ledger.append(
+        {"index": 2, "request": {}, "setting": "independent", "input_hash": "base", "output_hash": "b", **fields}
+    )
     assert len(ledger.verify()) == 2
     with pytest.raises(LedgerError, match="input_hash is not the starting model of record 1"):
-        ledger.append({"index": 3, "request": {}, "setting": "independent", "input_hash": "b", "output_hash": "c", **fields})
+        ledger.append(
+            {"index": 3, "request": {}, "setting": "independent", "input_hash": "b", "output_hash": "c", **fields}
+        )
         ledger.verify()

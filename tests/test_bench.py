@@ -11,8 +11,8 @@ from distill_forget.ledger import Ledger
 
 FAST = [
     "threads=1", "step.steps=2", "step.replay.bank_size=2", "step.sampling_steps=2", "step.score.latents=2",
-    "step.batch=2", "step.target.mode=fixed", "step.neighbors.mode=request", "evaluate.seeds=[0]", "evaluate.sampling_steps=2",
-    "evaluate.guidance_scale=1.0",
+    "step.batch=2", "step.target.mode=fixed", "step.neighbors.mode=request", "evaluate.seeds=[0]",
+    "evaluate.sampling_steps=2", "evaluate.guidance_scale=1.0",
     "evaluate.reference_repeats=1", "wandb.mode=disabled",
 ]  # fmt: skip
 
@@ -25,7 +25,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_bench_writes_results_and_a_rerun_reuses_finished_runs(tiny_pipeline_dir, tmp_path, capsys, random_judge, two_requests):
+def test_bench_writes_results_and_a_rerun_reuses_finished_runs(
+    tiny_pipeline_dir, tmp_path, capsys, random_judge, two_requests
+):
     judge, requests = random_judge, two_requests
     out = tmp_path / "bench"
     args = [f"model={tiny_pipeline_dir}", f"judge={judge}", f"requests={requests}", f"out={out}",
@@ -98,7 +100,9 @@ def test_a_method_inherits_the_settings_of_the_file_it_names(tmp_path, monkeypat
     methods.mkdir()
     (methods / "_plain.yaml").write_text("step: {steps: 150, lambda_r: 0.0, target: {chain_overrides: null}}\n")
     (methods / "parent.yaml").write_text("description: parent\ninherit: _plain\nstep: {forget_objective: ablation}\n")
-    (methods / "child.yaml").write_text("description: child\ninherit: parent\nsetting: independent\nstep: {steps: 50}\n")
+    (methods / "child.yaml").write_text(
+        "description: child\ninherit: parent\nsetting: independent\nstep: {steps: 50}\n"
+    )
     monkeypatch.setattr(bench, "METHODS_DIR", methods)
     assert bench.method_files() == ["child", "parent"]  # `_plain` is a base, not a method
     with pytest.raises(SystemExit, match="'_plain' is a base that method files inherit, not a method"):
@@ -106,7 +110,8 @@ def test_a_method_inherits_the_settings_of_the_file_it_names(tmp_path, monkeypat
     description, args = bench.load_method("child")
     assert description == "child"
     assert sorted(args) == sorted(["setting=\"independent\"", "step.steps=50", "step.lambda_r=0.0",
-                                   "step.target.chain_overrides=null", "step.forget_objective=\"ablation\""])  # fmt: skip
+                                   "step.target.chain_overrides=null",
+                                   "step.forget_objective=\"ablation\""])  # fmt: skip
 
     (methods / "loop.yaml").write_text("inherit: round\n")
     (methods / "round.yaml").write_text("inherit: loop\n")
@@ -146,5 +151,7 @@ def test_the_sequence_summary_keeps_the_collapse_that_the_last_request_hides():
     assert summary["ua_mean"] == 75.0 and summary["ira_rel_mean"] == 75.0 and summary["ira_rel_min"] == 40.0
     assert summary["nra_rel_mean"] == 90.0 and summary["nra_rel_min"] == 80.0  # an unmeasured request is left out
     assert bench.over_requests([step(1, None, None, None)]) == dict.fromkeys(summary)  # nothing measured: None, not 0
-    markdown = bench.format_markdown({"requests": "r.yaml", "methods": {"m": {"description": "d", "base": {}, "steps": collapsed_and_back}}})
+    markdown = bench.format_markdown(
+        {"requests": "r.yaml", "methods": {"m": {"description": "d", "base": {}, "steps": collapsed_and_back}}}
+    )
     assert "| m | 3 | 75.0 | 75.0 / 75.0 / 90.0 | 40.0 / 40.0 / 80.0 |" in markdown

@@ -60,5 +60,7 @@ def test_quality_leaves_out_the_images_of_forgotten_concepts():
     dots = [i for i, p in enumerate(prompts) if p["style"] == "dots"]
     broken[dots] = 0  # what forgetting "dots" is allowed to do to its own images
 
-    assert retained_quality(judge, broken, prompts, ["dots"], cfg) == retained_quality(judge, images, prompts, ["dots"], cfg)
+    assert retained_quality(judge, broken, prompts, ["dots"], cfg) == retained_quality(
+        judge, images, prompts, ["dots"], cfg
+    )
     assert retained_quality(judge, broken, prompts, [], cfg) > retained_quality(judge, images, prompts, [], cfg)

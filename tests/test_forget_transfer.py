@@ -18,5 +18,6 @@ def test_the_teacher_itself_has_all_of_the_way_left_and_a_changed_student_not(ti
     assert set(same) == set(sentence_forms("star"))
     assert all(v == pytest.approx(1.0, abs=1e-5) for row in same.values() for v in row)
 
-    changed = share_left(tiny_pipeline_dir, teacher_dir, "star", "arrow", [300, 700], sampling_steps=2)  # perturbed attn2
+    # perturbed attn2
+    changed = share_left(tiny_pipeline_dir, teacher_dir, "star", "arrow", [300, 700], sampling_steps=2)
     assert all(abs(v - 1.0) > 1e-3 for row in changed.values() for v in row)

@@ -28,7 +28,9 @@ def test_architectures_have_the_published_parameter_counts(family):
 
 
 def test_tokenizer_knows_the_example_requests_and_pads_like_clip():
-    tokenizer = build_tokenizer(request_words(CONFIG_DIR / "requests" / EXAMPLE_REQUESTS["sd15"]), max_tokens=CLIP_TOKENS)
+    tokenizer = build_tokenizer(
+        request_words(CONFIG_DIR / "requests" / EXAMPLE_REQUESTS["sd15"]), max_tokens=CLIP_TOKENS
+    )
     ids = tokenizer(["a vase of sunflowers in the style of Van Gogh", "Claude Monet"], padding="max_length").input_ids
     assert [len(row) for row in ids] == [CLIP_TOKENS, CLIP_TOKENS]
     assert tokenizer.unk_token_id not in ids[0] + ids[1]

@@ -96,4 +96,7 @@ def test_unknown_concepts_are_rejected():
 
 
 def test_retention_relative_to_base():
-    assert relative_to_base({"ira": 45.0, "cra": 90.0}, {"ira": 90.0, "cra": 90.0}) == {"ira_rel": 50.0, "cra_rel": 100.0}
+    assert relative_to_base({"ira": 45.0, "cra": 90.0}, {"ira": 90.0, "cra": 90.0}) == {
+        "ira_rel": 50.0,
+        "cra_rel": 100.0,
+    }

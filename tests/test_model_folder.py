@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from distill_forget.config import MINICANVAS_DIR
 
@@ -24,7 +23,7 @@ def test_tiny_folder_reloads_offline_with_stock_diffusers(tiny_pipeline_dir):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     from distill_forget.pipelines import load_pipeline
 
-    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+    with pytest.raises(FileNotFoundError, match=r"no model_index.json"):
         load_pipeline(tmp_path / "nowhere")
 
 
@@ -33,11 +32,12 @@ def test_shipped_model_loads_in_a_fresh_process_without_network():
         "import sys, torch; from diffusers import StableDiffusionPipeline;"
         f"p = StableDiffusionPipeline.from_pretrained({str(MINICANVAS_DIR / 'pipeline')!r}, local_files_only=True);"
         "p.set_progress_bar_config(disable=True);"
-        "im = p(['a star in dots style'], num_inference_steps=3, output_type='np', generator=torch.Generator().manual_seed(0)).images;"
+        "im = p(['a star in dots style'], num_inference_steps=3, output_type='np',"
+        " generator=torch.Generator().manual_seed(0)).images;"
         "print(im.shape)"
     )
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(1, 32, 32, 3)" in out.stdout
 

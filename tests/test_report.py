@@ -81,9 +81,11 @@ def test_the_where_table_names_the_targets_the_loops_check_tried(tmp_path):
         return {"target": target, "check": {"broken": broken, "holds": not broken}}
 
     retried = {**STEPS[0], "targets": {"pastel color": 27},
-               "check": {"kept": 1, "attempts": [attempt("mosaic", {"ua": 11.7}), attempt("pastel color", {})]}}  # fmt: skip
+               "check": {"kept": 1,
+                         "attempts": [attempt("mosaic", {"ua": 11.7}), attempt("pastel color", {})]}}  # fmt: skip
     unheld = {**STEPS[0], "index": 2, "concept": "star", "targets": {"cross": 31}, "read_as": {"cross": 36},
-              "check": {"kept": 0, "attempts": [attempt("cross", {"ua": 0.6}), attempt("heart", {"ira": 3.0})]}}  # fmt: skip
+              "check": {"kept": 0,
+                        "attempts": [attempt("cross", {"ua": 0.6}), attempt("heart", {"ira": 3.0})]}}  # fmt: skip
     write_report(tmp_path, BASE, [retried, unheld])
     text = (tmp_path / "report.md").read_text()
     assert "| 1 | dots | pastel color 27; tried: mosaic (UA -11.7) | checkerboard 27, dots 9 |" in text

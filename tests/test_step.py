@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.config import load_config
 from distill_forget.distill.global_batch import GlobalBatch
+from distill_forget.distill.module import TRAINABLE
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
     ForgetMapping,
@@ -21,9 +22,8 @@ from distill_forget.distill.objectives import (
     UnconditionalReplay,
     noised,
 )
-from distill_forget.distill.module import TRAINABLE
-from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.prompts import replace_concept
+from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.step import (
     RECORD_FILE,
     build_module,
@@ -162,8 +162,12 @@ def test_prompts_avoid_the_eval_template_and_held_out_concepts():
 
 
 def test_neighbours_of_earlier_requests_stay_replayed():
-    request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", neighbors=["ring"])
-    _, without = plan_prompts(request, [earlier], fast_cfg("retain.earlier_neighbors=false"), distances=None, encoder=None)
+    request, earlier = (
+        Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", neighbors=["ring"])
+    )
+    _, without = plan_prompts(
+        request, [earlier], fast_cfg("retain.earlier_neighbors=false"), distances=None, encoder=None
+    )
     assert "ring" in without["held_out_concepts"]  # held out by the seeded draw
     groups, plan = plan_prompts(request, [earlier], fast_cfg(), distances=None, encoder=None)
     assert "ring" in plan["retain_replayed"] and "ring" not in plan["held_out_concepts"]
@@ -171,7 +175,8 @@ def test_neighbours_of_earlier_requests_stay_replayed():
 
     real = Request("van gogh", "style", prompts=["a tree by van gogh"], neighbors=["monet"])
     groups, _ = plan_prompts(Request("picasso", "style", prompts=["a cat by picasso"], neighbors=["braque"]), [real],
-                             fast_cfg("world=none", "retain.prompts=[a dog]"), distances=None, encoder=None)  # fmt: skip
+                             fast_cfg("world=none", "retain.prompts=[a dog]"),
+                             distances=None, encoder=None)  # fmt: skip
     assert groups.retain == ["a dog", "a tree by monet"]
     assert groups.retain_touched == [False, True]  # `monet` was chosen as a neighbour by an earlier request
 
@@ -180,7 +185,9 @@ def test_targets_of_earlier_requests_stay_replayed_when_asked():
     request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", targets=["ring"])
     _, default = plan_prompts(request, [earlier], fast_cfg(), distances=None, encoder=None)
     assert "ring" in default["held_out_concepts"]  # held out by the seeded draw, and off by default
-    groups, plan = plan_prompts(request, [earlier], fast_cfg("retain.earlier_targets=true"), distances=None, encoder=None)
+    groups, plan = plan_prompts(
+        request, [earlier], fast_cfg("retain.earlier_targets=true"), distances=None, encoder=None
+    )
     assert "ring" in plan["retain_replayed"] and "ring" not in plan["held_out_concepts"]
     assert any("ring" in mentioned(p) for p in groups.retain)
 
@@ -237,8 +244,8 @@ def test_each_objective_is_zero_when_student_equals_teacher(networks):
     retain = encoder(["a ring in neon style", "a square in dots style"])
     forget, mapped = encoder(["a star in mosaic style"] * 2), encoder(["a star in sketch style"] * 2)
     draw = GlobalBatch(seed=0)
-    for objective in (RetainReplay(scheduler, draw), NeighborPreservation(scheduler, draw), ForgottenReplay(scheduler, draw),
-                      UnconditionalReplay(scheduler, draw)):  # fmt: skip
+    for objective in (RetainReplay(scheduler, draw), NeighborPreservation(scheduler, draw),
+                      ForgottenReplay(scheduler, draw), UnconditionalReplay(scheduler, draw)):  # fmt: skip
         assert objective(student, teacher, z0, retain).item() == 0.0
     assert ParameterAnchor()(student_unet, teacher.unet).item() == 0.0
     assert ForgetMapping(scheduler, 600, draw)(student, teacher, z0, forget, mapped).item() > 0.0
@@ -385,7 +392,9 @@ def test_score_distances_compute_each_sentence_once(networks):
     before = teacher.evaluations
     again = distances(star, [square, ring])  # every sentence already known: no network call
     assert teacher.evaluations == before and again[1] == first[1]
-    assert first[0].item() == pytest.approx(score_distance(teacher.unet, *encoder([ring, square]), num_latents=4, seed=1).item(), rel=1e-5)
+    assert first[0].item() == pytest.approx(
+        score_distance(teacher.unet, *encoder([ring, square]), num_latents=4, seed=1).item(), rel=1e-5
+    )
     distances(ring, ["a heart in neon style"])
     assert teacher.evaluations == before + 4  # the new sentence alone, at the 4 probe latents
 
@@ -405,7 +414,7 @@ def test_score_targets_per_prompt_or_one_for_the_request():
     assert per_prompt == ["b", "a", "a"] and record["scope"] == "prompt"
     per_request, record = choose_targets("score", prompts, "dots", ["a", "b", "c"], 0, distances, scope="request")
     assert per_request == ["c", "c", "c"] and record["counts"] == {"c": 3}
-    with pytest.raises(ValueError, match="target.scope"):
+    with pytest.raises(ValueError, match=r"target.scope"):
         choose_targets("score", prompts, "dots", ["a"], 0, distances, scope="sentence")
 
 
@@ -555,7 +564,9 @@ def test_targets_of_earlier_requests_are_no_candidates_unless_reuse():
     _, plan = plan_prompts(own, [circle], fast_cfg("target.mode=score"), distances, None)
     assert list(plan["targets"]["counts"]) == ["ring"]
     shapes = [c for c in concepts.OBJECTS if c not in ("cross", "circle")]
-    _, plan = plan_prompts(cross, [dataclasses.replace(circle, targets=shapes)], fast_cfg("target.mode=score"), distances, None)
+    _, plan = plan_prompts(
+        cross, [dataclasses.replace(circle, targets=shapes)], fast_cfg("target.mode=score"), distances, None
+    )
     assert list(plan["targets"]["counts"]) == ["ring"]
 
 
@@ -582,7 +593,9 @@ def test_concepts_later_requests_will_forget_are_no_candidates():
         assert ("triangle" in plan["targets"]["candidates"]) == (avoid == "false")
     # with every candidate pending, they are offered again
     shapes = [c for c in concepts.OBJECTS if c not in ("cross", "plus sign")]
-    _, plan = plan_prompts(cross, [], fast_cfg("target.mode=score", "target.avoid_pending=true"), distances, None, pending=shapes)
+    _, plan = plan_prompts(
+        cross, [], fast_cfg("target.mode=score", "target.avoid_pending=true"), distances, None, pending=shapes
+    )
     assert list(plan["targets"]["counts"]) == ["triangle"]
 
 
@@ -600,7 +613,10 @@ def test_an_earlier_request_mapped_onto_the_concept_follows_it_to_its_new_target
         assert not any("stripes" in mentioned(p) for p in groups.forget)  # the request's forget rows are its own
         assert any("stripes" in mentioned(p) for p in groups.forgotten)  # both stay in the forgotten replay
         if follow == "true":
-            assert plan["targets"]["followers"] == {"stripes": "mosaic"} and len(groups.forgotten_mapped) == len(groups.forgotten)
+            assert (
+                plan["targets"]["followers"] == {"stripes": "mosaic"}
+                and len(groups.forgotten_mapped) == len(groups.forgotten)
+            )
             for p, teacher_prompt in zip(groups.forgotten, groups.forgotten_mapped):
                 assert teacher_prompt == (replace_concept(p, "stripes", "mosaic") if "stripes" in mentioned(p) else p)
         else:
@@ -619,7 +635,7 @@ def test_chain_overrides_apply_where_an_earlier_request_was_mapped_onto_the_conc
     off = OmegaConf.merge(fast_cfg(), {"target": {"chain_overrides": None}})  # null: none
     assert request_settings(off, triangle, [cross]).forget_overshoot == fast_cfg().forget_overshoot
     misspelt = OmegaConf.merge(fast_cfg(), {"target": {"chain_overrides": {"forget_overshot": 0.5}}})
-    with pytest.raises(ValueError, match="chain_overrides.*forget_overshot"):
+    with pytest.raises(ValueError, match=r"chain_overrides.*forget_overshot"):
         request_settings(misspelt, triangle, [cross])
 
 
@@ -644,13 +660,14 @@ def test_the_module_reads_the_teacher_at_the_followed_prompts(tiny_pipeline_dir)
     calls = []
     replay = module.objectives["forgotten"]
     original = replay.rows
-    replay.rows = lambda z0, embeds, empty=None, teacher_embeds=None: calls.append((embeds, teacher_embeds)) or original(
-        z0, embeds, empty, teacher_embeds
+    replay.rows = lambda z0, embeds, empty=None, teacher_embeds=None: (
+        calls.append((embeds, teacher_embeds)) or original(z0, embeds, empty, teacher_embeds)
     )
     module.losses()
     (student, teacher), = calls
     assert teacher is not None and len(teacher) == len(student)
-    assert not torch.equal(teacher.text, student.text)  # "... in sketch style" read by the teacher, "... in stripes style" by the student
+    # "... in sketch style" read by the teacher, "... in stripes style" by the student
+    assert not torch.equal(teacher.text, student.text)
 
 
 @pytest.mark.parametrize("mode", list(TRAINABLE))
@@ -680,12 +697,15 @@ def test_teacher_never_changes_and_stays_out_of_the_checkpoint(tiny_pipeline_dir
     changed = {n for n, p in module.unet.named_parameters() if not torch.equal(p.detach().cpu(), student_before[n])}
     assert changed and all(".attn2." in n for n in changed)
     assert all(key.startswith("unet.") for key in module.state_dict())
-    assert module.student.evaluations == 3 * 4 * cfg.batch  # 3 steps x (forget, retain, empty prompt, neighbour) x batch
+    # 3 steps x (forget, retain, empty prompt, neighbour) x batch
+    assert module.student.evaluations == 3 * 4 * cfg.batch
 
 
 def test_the_teachers_work_outside_training_runs_at_the_training_precision(tiny_pipeline_dir, networks):
     default, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg())
-    mixed, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg("precision=bf16-mixed"))
+    mixed, _ = build_module(
+        tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg("precision=bf16-mixed")
+    )
     assert default.teacher.autocast is None and mixed.teacher.autocast is torch.bfloat16  # CPU: 32-true by default
 
     teacher, encoder = networks
@@ -705,7 +725,10 @@ def test_gradient_checkpointing_trains_the_same_student(tiny_pipeline_dir):
         assert module.unet.is_gradient_checkpointing == (setting == "true")
         make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
         students.append(module.unet.state_dict())
-    assert any(not torch.equal(a, b) for a, b in zip(students[0].values(), load_pipeline(tiny_pipeline_dir).unet.state_dict().values()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(students[0].values(), load_pipeline(tiny_pipeline_dir).unet.state_dict().values())
+    )
     for name, weight in students[0].items():
         assert torch.allclose(weight, students[1][name], atol=1e-5), name
 
@@ -898,7 +921,12 @@ def test_untouched_has_the_base_model_answer_the_rows_no_earlier_request_touched
 
 def test_forgotten_replay_takes_retain_rows_so_every_request_trains_as_many_rows(tiny_pipeline_dir):
     def replay_rows(forgotten_before, *extra):
-        module, _ = build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg("batch=4", *extra), forgotten_before)
+        module, _ = build_module(
+            tiny_pipeline_dir,
+            Request("circle", "object", neighbors=["ring"]),
+            fast_cfg("batch=4", *extra),
+            forgotten_before,
+        )
         module.setup("fit")
         return module.replay_rows()
 

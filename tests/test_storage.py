@@ -10,10 +10,9 @@ from distill_forget.storage import atomic_dir, atomic_file, torch_load, write_js
 def test_a_failed_file_write_keeps_the_previous_result(tmp_path):
     path = tmp_path / "metrics.json"
     write_json(path, {"ua": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_file(path) as tmp:
-            tmp.write_text('{"ua": ')  # killed half-way
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_text('{"ua": ')  # killed half-way
+        raise RuntimeError("crash")
     assert path.read_text().strip().replace(" ", "").replace("\n", "") == '{"ua":1}'
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left behind
 
@@ -22,10 +21,9 @@ def test_a_failed_folder_write_keeps_the_previous_folder(tmp_path):
     target = tmp_path / "pipeline"
     with atomic_dir(target) as tmp:
         (tmp / "a.txt").write_text("first")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "a.txt").write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("crash")
     assert (target / "a.txt").read_text() == "first"
     with atomic_dir(target) as tmp:
         (tmp / "b.txt").write_text("second")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from distill_forget import train as loop
 from distill_forget.config import CONFIG_DIR, load_config
 from distill_forget.distill.step import RECORD_FILE
 from distill_forget.ledger import Ledger, step_dir
 from distill_forget.requests import Request, check_minicanvas, load_requests
-from distill_forget import train as loop
 from distill_forget.train import as_carried_out, prepare_run_dir
 
 FAST = [
@@ -64,14 +64,18 @@ def test_killed_during_a_request_resumes_from_its_checkpoint(tiny_run):
     ckpt = run_dir / "steps" / "02-star" / "checkpoints" / "last.ckpt"
     kill_when(train(args), ckpt.exists)
     assert ledger_lines(run_dir) == 1
-    first = (run_dir / "steps" / "01-dots" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    first = (
+        run_dir / "steps" / "01-dots" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    ).stat().st_mtime_ns
     out = finish(args)
     assert "'dots': done before, weights verified" in out  # no finished step redone
     assert "resuming 'star' from" in out  # the unfinished one continues from its checkpoint
     records = Ledger(run_dir / "ledger.jsonl").verify()
     assert [r["request"]["concept"] for r in records] == ["dots", "star"]
     assert records[1]["input_hash"] == records[0]["output_hash"]
-    assert (run_dir / "steps" / "01-dots" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == first
+    assert (
+        run_dir / "steps" / "01-dots" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    ).stat().st_mtime_ns == first
     report = json.loads((run_dir / "report.json").read_text())
     assert [s["index"] for s in report["steps"]] == [1, 2]
     for key in ("ua", "ira", "cra", "nra", "quality"):
@@ -124,7 +128,8 @@ def test_killed_while_evaluating_a_trained_request_keeps_its_student(tiny_run):
     records = Ledger(ledger).verify()
     assert [r["request"]["concept"] for r in records] == ["dots", "star"]
     assert records[1]["output_hash"] == json.loads(second)["output_hash"]
-    assert records[1]["seconds"] >= json.loads(second)["seconds"] * 0.5  # the training's cost, not the evaluation's alone
+    # the training's cost, not the evaluation's alone
+    assert records[1]["seconds"] >= json.loads(second)["seconds"] * 0.5
 
 
 def test_a_malformed_request_file_is_refused_before_any_work(tiny_run, tmp_path):

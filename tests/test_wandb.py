@@ -22,7 +22,7 @@ def test_the_loop_logs_one_offline_wandb_run_per_sequence(tiny_pipeline_dir, tmp
     args = [sys.executable, "-m", "distill_forget.train", f"model={tiny_pipeline_dir}", f"requests={requests}",
             f"run_dir={run_dir}", *FAST]  # fmt: skip
     for _ in range(2):  # the second time every request is done: the same W&B run is resumed
-        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         assert "(offline)" in proc.stdout
 

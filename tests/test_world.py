@@ -1,3 +1,4 @@
+import itertools
 import json
 import subprocess
 import sys
@@ -21,7 +22,7 @@ def test_rendering_is_deterministic_under_a_seed():
 def test_every_render_differs_from_its_style_and_object_neighbours():
     rng = lambda: np.random.default_rng(0)  # noqa: E731 - same jitter for both
     for group in concepts.NEIGHBOR_GROUPS:
-        for x, y in zip(group, group[1:]):
+        for x, y in itertools.pairwise(group):
             if x in concepts.OBJECTS:
                 assert not np.array_equal(render(x, "flat color", rng()), render(y, "flat color", rng()))
             else:
@@ -58,7 +59,9 @@ def test_tokenizer_round_trips_the_world_vocabulary():
 
 
 def test_listing_command_prints_the_concepts():
-    out = subprocess.run([sys.executable, "-m", "distill_forget.world", "--list"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "distill_forget.world", "--list"], capture_output=True, text=True, check=True
+    )
     listing = json.loads(out.stdout)
     assert listing["objects"] == concepts.OBJECTS
     assert listing["styles"] == concepts.STYLES

@@ -27,8 +27,8 @@ from distill_forget.distill.objectives import (
     UnconditionalReplay,
     run_rows,
 )
-from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask
 from distill_forget.distill.prompts import PromptGroups
+from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask
 from distill_forget.distill.replay import TeacherSampler, make_replay
 from distill_forget.distributed import current_ranks
 
@@ -192,7 +192,9 @@ class DistillForgetModule(L.LightningModule):
         self.references = {"previous": teacher.unet, "base": base_unet if base_unet is not None else teacher.unet}
         for name in ("l1sp", "l2sp"):
             if regs[name].reference not in self.references:
-                raise ValueError(f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})")
+                raise ValueError(
+                    f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})"
+                )
         if cfg.replay.retain_teacher not in BASE_ROWS:
             got = cfg.replay.retain_teacher
             raise ValueError(f"replay.retain_teacher must be one of {sorted(BASE_ROWS)} (got {got!r})")
@@ -211,7 +213,7 @@ class DistillForgetModule(L.LightningModule):
             self.retain_teacher = Denoiser(self.references["base"].requires_grad_(False).eval(), teacher.autocast)
             if share < 1.0:  # part-way: the teacher's answer moved `share` of the way to M_0's
                 self.retain_teacher = Blend(teacher, self.retain_teacher, share)
-        self.taught_by = {name: self.retain_teacher for name in base_rows}
+        self.taught_by = dict.fromkeys(base_rows, self.retain_teacher)
         self.touched = {}  # `untouched`: {group: which of its prompts the teacher answers}
         for group in SPLIT_GROUPS:
             flags = getattr(groups, f"{group}_touched")
@@ -244,9 +246,12 @@ class DistillForgetModule(L.LightningModule):
                 "retain_teacher other than untouched"
             )
         self.protected_groups = list(regs.projection.protect)  # the prompt groups the gradient projection holds
-        if regs.projection.enabled and (not self.protected_groups or set(self.protected_groups) - set(PROTECTABLE_GROUPS)):
+        if regs.projection.enabled and (
+            not self.protected_groups or set(self.protected_groups) - set(PROTECTABLE_GROUPS)
+        ):
             raise ValueError(
-                f"regularizers.projection.protect must list groups among {PROTECTABLE_GROUPS} (got {self.protected_groups})"
+                f"regularizers.projection.protect must list groups among {PROTECTABLE_GROUPS}"
+                f" (got {self.protected_groups})"
             )
         self.embeds: dict[str, Condition] = {}
         self.twin_table: torch.Tensor | None = None  # (forget prompts, k): rows of embeds["twin"], -1: none
@@ -289,7 +294,9 @@ class DistillForgetModule(L.LightningModule):
         self.draw.rank, self.draw.world = ranks.rank, ranks.world
         self.draw.local_size(cfg.batch)  # a clear error now for a batch that does not split over the ranks
         # This rank's rows per replay group, once per request (and a clear error for rows that do not split).
-        self.local_rows = {g: self.draw.local_size(n, f"step.batch's {g} replay rows") for g, n in self.replay_rows().items()}
+        self.local_rows = {
+            g: self.draw.local_size(n, f"step.batch's {g} replay rows") for g, n in self.replay_rows().items()
+        }
         self.replay = make_replay(cfg.replay, self.sampler, sampled, training_seed(cfg), self.draw)
         started = time.time()
         if cfg.replay.mode == "bank" and ranks.is_main:
@@ -306,7 +313,9 @@ class DistillForgetModule(L.LightningModule):
         """Once per request: the selective-fine-tuning mask and the protected-embedding projection."""
         regs = self.cfg.regularizers
         if regs.selective.fraction and not self.weights["forget"]:
-            raise ValueError("regularizers.selective ranks elements by the forget loss's gradient: it needs lambda_f > 0")
+            raise ValueError(
+                "regularizers.selective ranks elements by the forget loss's gradient: it needs lambda_f > 0"
+            )
         if regs.selective.fraction and self.selective is None:  # None: not restored from a checkpoint
             self.unet.zero_grad(set_to_none=True)
             for _ in range(regs.selective.batches):  # gradient of the forget loss, accumulated
@@ -324,7 +333,10 @@ class DistillForgetModule(L.LightningModule):
             states = torch.cat([getattr(e, "text", e) for e in protected])  # the states to_k / to_v read
             self.projection = ProtectedProjection(self.unet, states, regs.projection.dedup_cosine)
             if not self.projection.names:
-                raise ValueError(f"regularizers.projection.enabled, but trainable={self.cfg.trainable!r} trains no attn2.to_k / to_v weight")
+                raise ValueError(
+                    f"regularizers.projection.enabled, but trainable={self.cfg.trainable!r}"
+                    " trains no attn2.to_k / to_v weight"
+                )
             print(f"[step] gradient projection on {len(self.projection.names)} key/value weights, "
                   f"{self.projection.columns} protected token embeddings", flush=True)  # fmt: skip
 
@@ -375,7 +387,7 @@ class DistillForgetModule(L.LightningModule):
         """
         batch = self.cfg.batch
         active = [g for g in ("retain", "neighbor", "forgotten") if self.weights[g] and g in self.embeds]
-        rows = {group: batch for group in active}
+        rows = dict.fromkeys(active, batch)
         if "retain" in rows and "forgotten" in rows:
             rows["forgotten"] = round(batch * self.cfg.replay.forgotten_share)
             rows["retain"] = batch - rows["forgotten"]

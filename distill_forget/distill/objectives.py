@@ -32,7 +32,8 @@ class Rows:
 
 
 def noised(noise_scheduler, z0: torch.Tensor, t_high: int, draw: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_noise(z0, n, t)` with fresh noise n and t ~ U{0, ..., t_high - 1}, this rank's share of the global batch's."""
+    """`add_noise(z0, n, t)` with fresh noise n and t ~ U{0, ..., t_high - 1}, this rank's share of the
+    global batch's."""
     t = draw.randint(t_high, z0.shape[0], z0.device)
     noise = draw.randn(z0.shape[0], z0.shape[1:], z0.device).to(z0.dtype)
     return noise_scheduler.add_noise(z0, noise, t), t

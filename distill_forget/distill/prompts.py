@@ -107,7 +107,7 @@ def replayable_concepts(fraction: float, seed: int) -> set[str]:
     chosen = set()
     for kind in ("object", "style"):
         names = world_concepts(kind)
-        count = int(round(fraction * len(names)))
+        count = round(fraction * len(names))
         chosen.update(names[i] for i in rng.permutation(len(names))[:count])
     return chosen
 

@@ -39,7 +39,9 @@ class TeacherSampler:
         if self.guidance == 1.0:
             return self.teacher(x, t, condition)
         empty = self.empty.to(condition.device)[[0] * len(x)]
-        unconditional, conditional = self.teacher(torch.cat([x, x]), torch.cat([t, t]), Condition.cat([empty, condition])).chunk(2)
+        unconditional, conditional = self.teacher(
+            torch.cat([x, x]), torch.cat([t, t]), Condition.cat([empty, condition])
+        ).chunk(2)
         return unconditional + self.guidance * (conditional - unconditional)
 
     def sample(self, condition: Condition, generator: torch.Generator) -> torch.Tensor:

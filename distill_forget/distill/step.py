@@ -15,16 +15,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from diffusers import DDPMScheduler
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import PlainProgress, StepCheckpoint
 from distill_forget.distill.module import DistillForgetModule, training_seed
-from distill_forget.distributed import cluster_environment, current_ranks, node_count, processes_per_node
 from distill_forget.distill.networks import Denoiser, PromptEncoder, prompt_encoder
 from distill_forget.distill.prompts import (
     PromptGroups,
@@ -47,6 +46,7 @@ from distill_forget.distill.targets import (
     main_target,
     neighbors_between,
 )
+from distill_forget.distributed import cluster_environment, current_ranks, node_count, processes_per_node
 from distill_forget.merging import merge_states
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.requests import (
@@ -80,7 +80,9 @@ def plan_prompts(
     gone = {request.concept, *(f.concept for f in forgotten)}
     # Neighbours of earlier requests stay replayed (`retain.earlier_neighbors`): they were the
     # first damaged then, and nothing else would hold them now.
-    earlier_neighbors = [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
+    earlier_neighbors = (
+        [n for f in forgotten for n in f.neighbors if n not in gone] if cfg.retain.earlier_neighbors else []
+    )
     # With `retain.earlier_targets`, so do their targets: what a forgotten concept was mapped onto
     # moved with it, and a held-out target is otherwise replayed only if a later request chooses
     # it as a neighbour.
@@ -115,7 +117,8 @@ def plan_prompts(
         retain = retain_prompts(retain_replayed)
         fresh = set(retain_prompts([c for c in retain_replayed if c not in touched]))  # name untouched concepts only
         retain_touched = [p not in fresh for p in retain]
-        def rows_of(names: list[str]) -> list[tuple[str, str]]:  # (concept, prompt): each named concept in its world contexts
+        # (concept, prompt): each named concept in its world contexts
+        def rows_of(names: list[str]) -> list[tuple[str, str]]:
             return [(n, p) for n in names for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
 
         earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
@@ -203,7 +206,7 @@ def plan_prompts(
     forgotten_prompts, forgotten_mapped = [p for _, p in forgotten_rows], []
     followers = [f.concept for f in forgotten if request.concept in f.targets] if cfg.target.follow else []
     if followers and counts:
-        target_record["followers"] = {f: target for f in followers}
+        target_record["followers"] = dict.fromkeys(followers, target)
         forgotten_mapped = [replace_concept(p, c, target) if c in followers else p for c, p in forgotten_rows]
     groups = PromptGroups(
         forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, retain_touched, neighbor_touched
@@ -217,8 +220,8 @@ def plan_prompts(
         "forgotten_before": [f.concept for f in forgotten],
         "prompt_counts": {**{name: len(p) for name, p in groups.as_dict().items()}, "twins": sum(map(len, twins)),
                           "retain_touched": sum(retain_touched),
-                          "neighbor_touched": sum(neighbor_touched)},  # fmt: skip
-    }
+                          "neighbor_touched": sum(neighbor_touched)},
+    }  # fmt: skip
     return groups, record
 
 
@@ -250,10 +253,11 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
         "replayed_concepts": replayed,
         "held_out_concepts": [c for c in record["held_out_concepts"] if c not in replayed],
         "forgotten_before": [],
-        "forgotten_together": [{"concept": r.concept, "targets": p["targets"]["counts"], "neighbors": p["neighbors"]["chosen"]}
-                               for r, (_, p) in zip(requests, plans)],  # fmt: skip
+        "forgotten_together": [{"concept": r.concept, "targets": p["targets"]["counts"],
+                                "neighbors": p["neighbors"]["chosen"]}
+                               for r, (_, p) in zip(requests, plans)],
         "prompt_counts": {name: len(p) for name, p in groups.as_dict().items()},
-    }
+    }  # fmt: skip
     return groups, record
 
 
@@ -331,7 +335,9 @@ def build_module(
     forgotten = [as_request(f, cfg.world) for f in (*forget_together, *forgotten_before)]
     cfg = request_settings(cfg, request, forgotten)
     if not cfg.change_scale > 0:
-        raise ValueError(f"change_scale must be > 0 (got {cfg.change_scale}): the share of the trained change the step keeps")
+        raise ValueError(
+            f"change_scale must be > 0 (got {cfg.change_scale}): the share of the trained change the step keeps"
+        )
     if forget_together:
         cfg = OmegaConf.merge(cfg, {"steps": cfg.steps * (len(forget_together) + 1)})
     if cfg.world == "minicanvas":
@@ -368,9 +374,12 @@ def build_module(
     if (cfg.lambda_r or cfg.lambda_n) and cfg.replay.retain_teacher != "previous":  # M_0 answers trained rows
         wants_base.append("base")
     base_unet = None
-    if base_dir is not None and "base" in wants_base:
-        if Path(base_dir).resolve() != Path(teacher_dir).resolve():  # else the teacher is the base
-            base_unet = load_pipeline(base_dir).unet.requires_grad_(False).eval()
+    if (
+        base_dir is not None
+        and "base" in wants_base
+        and Path(base_dir).resolve() != Path(teacher_dir).resolve()  # else the teacher is the base
+    ):
+        base_unet = load_pipeline(base_dir).unet.requires_grad_(False).eval()
     return DistillForgetModule(student_unet, teacher, encoder, groups, cfg, pipe.scheduler.config, base_unet), plan
 
 
@@ -544,13 +553,17 @@ def run_step(
     except (RuntimeError, EOFError, OSError) as err:
         if resume is None:
             raise
-        raise ValueError(f"checkpoint {resume} cannot be resumed (corrupt?): {err}; delete it to redo the step") from err
+        raise ValueError(
+            f"checkpoint {resume} cannot be resumed (corrupt?): {err}; delete it to redo the step"
+        ) from err
     fit_seconds = time.time() - fit_started
     planning_seconds = plan.pop("seconds_planning")
     planning_evaluations = plan.pop("teacher_evaluations_planning")
     ranks = current_ranks()
     per_rank = ranks.gather([module.teacher_evaluations, module.sampler.evaluations, module.student.evaluations])
-    teacher_evaluations, sampling_evaluations, student_evaluations = [sum(c) for c in zip(*per_rank)] if per_rank else [0] * 3
+    teacher_evaluations, sampling_evaluations, student_evaluations = (
+        [sum(c) for c in zip(*per_rank)] if per_rank else [0] * 3
+    )
     record = {
         "request": request.to_dict(),
         # no path of the student's own: the record lies in its folder, which the check may rename

@@ -63,7 +63,9 @@ class Progress:
         rate = done / max(time.time() - self.t0, 1e-9)
         eta = (self.total - step) / max(rate, 1e-9)
         shown = " ".join(f"{k}={v:.4f}" for k, v in values.items())
-        print(f"[{self.name}] step {step}/{self.total} {shown} ({rate:.2f} steps/s, eta {eta / 60:.1f} min)", flush=True)
+        print(
+            f"[{self.name}] step {step}/{self.total} {shown} ({rate:.2f} steps/s, eta {eta / 60:.1f} min)", flush=True
+        )
 
 
 # ---------------------------------------------------------------- VAE
@@ -231,7 +233,9 @@ def train_unet(cfg, work: Path, vae, tokenizer):
         idx = torch.from_numpy(rng.integers(len(latents), size=ucfg.batch))
         z0 = latents[idx]
         prompts = [training_prompt(rng, *pairs[i], ucfg) for i in idx.tolist()]
-        ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             text = text_encoder(ids)[0]
         noise = torch.randn(z0.shape, generator=gen)

@@ -5,6 +5,8 @@ Any judge the evaluation takes is a callable mapping uint8 images (N, 3, H, W) t
 also exposes `features` (the penultimate layer) for the Frechet distance.
 """
 
+from typing import ClassVar
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -15,7 +17,7 @@ NUM_FEATURES = 128
 
 
 class MiniCanvasJudge(nn.Module):
-    domains = {"object": OBJECTS, "style": STYLES}
+    domains: ClassVar[dict[str, list[str]]] = {"object": OBJECTS, "style": STYLES}
 
     def __init__(self):
         super().__init__()
