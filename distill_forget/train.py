@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from callbacks import WandbReport
 from distill_forget.check import check_settings, evaluate_base_check, train_checked
 from distill_forget.config import load_config, resolve_model_dir
+from distill_forget.distill.module import CheckpointError
 from distill_forget.distill.step import RECORD_FILE, run_step, save_student, with_plan_overrides
 from distill_forget.distributed import Ranks
 from distill_forget.evaluate import evaluate_pipeline, load_judge, retained_quality, save_grid_png
@@ -230,9 +231,12 @@ def main(argv=None) -> None:
             new = True
             if cfg.setting != "sequential":  # every request starts from the starting model
                 teacher_dir = model_dir
-            record = run_request(
-                cfg, index, request, requests, teacher_dir, folder, records, judge, device, model_dir, ranks, report
-            )  # fmt: skip
+            try:
+                record = run_request(
+                    cfg, index, request, requests, teacher_dir, folder, records, judge, device, model_dir, ranks, report
+                )  # fmt: skip
+            except CheckpointError as err:  # the finished requests stay as they are
+                raise SystemExit(f"[{index}/{len(requests)}] {request.concept!r}: {err}") from None
             if ranks.is_main:
                 record = ledger.append(record)
             ranks.barrier()  # the next request reads this one's folder

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.config import load_config
 from distill_forget.distill.global_batch import GlobalBatch
-from distill_forget.distill.module import TRAINABLE
+from distill_forget.distill.module import TRAINABLE, CheckpointError
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
     ForgetMapping,
@@ -744,6 +744,26 @@ def test_checkpoints_are_kept_every_n_steps_but_not_after_the_last(tiny_pipeline
     else:
         assert [p.name for p in saved] == ["last.ckpt"]
         assert torch.load(saved[0], weights_only=False)["global_step"] == saved_at
+
+
+def test_a_checkpoint_resumes_only_under_the_settings_it_was_trained_with(tiny_pipeline_dir, tmp_path):
+    request, checkpoints = Request("circle", "object", neighbors=["ring"]), tmp_path / "checkpoints"
+    trained = fast_cfg("steps=4", "checkpoint_every=2")
+    module, _ = build_module(tiny_pipeline_dir, request, trained)
+    make_trainer(trained, checkpoint_dir=checkpoints).fit(module, train_dataloaders=step_indices(trained))
+    assert [p.name for p in checkpoints.glob("*.ckpt")] == ["last.ckpt"]  # as a run killed after step 2 leaves it
+
+    # what it trains changed: refused, naming every changed setting, and nothing is written
+    other = fast_cfg("steps=4", "checkpoint_every=2", "lambda_r=50", "replay.mean_weight=8")
+    with pytest.raises(CheckpointError, match=r"last\.ckpt cannot be resumed") as refused:
+        run_step(tiny_pipeline_dir, request, other, tmp_path / "student", checkpoint_dir=checkpoints)
+    assert "lambda_r: 25.0 -> 50;" in str(refused.value) and "replay.mean_weight: 0.0 -> 8)" in str(refused.value)
+    assert not (tmp_path / "student").exists()
+
+    # where and how it runs may change: it goes on from step 2
+    moved = fast_cfg("steps=4", "checkpoint_every=3", "gradient_checkpointing=true")
+    record = run_step(tiny_pipeline_dir, request, moved, tmp_path / "student", checkpoint_dir=checkpoints)
+    assert record["resumed_from"].endswith("last.ckpt") and record["steps"] == 4
 
 
 def started_module(pipeline_dir, request: Request, *extra: str):

@@ -10,6 +10,7 @@ import time
 import lightning as L
 import torch
 from diffusers import DDPMScheduler
+from omegaconf import OmegaConf
 
 from distill_forget.distill.global_batch import GlobalBatch
 from distill_forget.distill.networks import Blend, Condition, Denoiser, PromptEncoder
@@ -92,6 +93,30 @@ def select_trainable(unet: torch.nn.Module, mode: str) -> list[str]:
     if not chosen:
         raise ValueError(f"trainable={mode!r} selects no parameter of this UNet")
     return chosen
+
+
+# Step settings a checkpoint may be resumed under when they changed: where and how it runs, not what it trains.
+RESUMABLE_CHANGES = ("accelerator", "strategy", "devices", "num_nodes", "checkpoint_every", "gradient_checkpointing")
+
+
+class CheckpointError(ValueError):
+    """A request's Lightning checkpoint that cannot be resumed: unreadable, or trained under other settings."""
+
+
+def settings_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """`key: before -> now` for every setting that differs between two nested dicts (keys dotted), but those
+    of `RESUMABLE_CHANGES`."""
+    changes = []
+    for key in sorted(before.keys() | now.keys(), key=str):
+        name = f"{prefix}{key}"
+        old, new = before.get(key, "(unset)"), now.get(key, "(unset)")
+        if old == new or (not prefix and key in RESUMABLE_CHANGES):
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += settings_changes(old, new, f"{name}.")
+        else:
+            changes.append(f"{name}: {old} -> {new}")
+    return changes
 
 
 def training_seed(cfg) -> int:
@@ -472,8 +497,19 @@ class DistillForgetModule(L.LightningModule):
         checkpoint["global_batch"] = self.draw.state_dict()  # a resumed run draws the batches it would have
         if self.selective is not None:  # computed on the request's starting weights: kept, not recomputed
             checkpoint["selective_masks"] = self.selective.masks
+        checkpoint["step_settings"] = OmegaConf.to_container(self.cfg, resolve=True)  # the request's, as merged
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A request goes on only under the settings it was trained with so far: a rerun with other settings
+        # would finish it as a mix of two. (Checkpoints written before 12-05 carry none and are resumed.)
+        trained_under = checkpoint.get("step_settings")
+        now = OmegaConf.to_container(self.cfg, resolve=True)
+        changed = [] if trained_under is None else settings_changes(trained_under, now)
+        if changed:
+            raise CheckpointError(
+                f"it was trained under other step settings ({'; '.join(changed)}): rerun with those to resume it, "
+                "or delete the checkpoint to train the request again under these"
+            )
         if "global_batch" in checkpoint:
             self.draw.load_state_dict(checkpoint["global_batch"])
         if "selective_masks" in checkpoint:

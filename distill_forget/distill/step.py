@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import PlainProgress, StepCheckpoint
-from distill_forget.distill.module import DistillForgetModule, training_seed
+from distill_forget.distill.module import CheckpointError, DistillForgetModule, training_seed
 from distill_forget.distill.networks import Denoiser, PromptEncoder, prompt_encoder
 from distill_forget.distill.prompts import (
     PromptGroups,
@@ -550,10 +550,12 @@ def run_step(
     fit_started = time.time()
     try:
         trainer.fit(module, train_dataloaders=step_indices(cfg), ckpt_path=resume)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {resume} cannot be resumed: {err}") from None
     except (RuntimeError, EOFError, OSError) as err:
         if resume is None:
             raise
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {resume} cannot be resumed (corrupt?): {err}; delete it to redo the step"
         ) from err
     fit_seconds = time.time() - fit_started
