@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill_forget import bench
-from distill_forget.config import load_config
+from distill_forget.config import CONFIG_DIR, load_config
 from distill_forget.ledger import Ledger
 
 FAST = [
@@ -138,6 +138,21 @@ def test_the_shipped_baselines_are_naive_and_distill_keeps_its_defaults():
         assert (step.lambda_r, step.lambda_n, step.lambda_forgotten, step.lambda_reg) == (0, 0, 0, 0), name
         assert step.target.chain_overrides is None and step.neighbors.close_margin == 0 and step.steps == 150, name
         assert step.forget_objective in ("esd", "ablation"), name
+
+
+def test_every_shipped_bench_config_names_methods_that_exist_and_settings_the_loop_takes():
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("bench-*.yaml"))
+    assert "bench-esd" in presets and "bench-quick" in presets
+    for preset in [None, *presets]:
+        cfg = load_config("bench", [] if preset is None else [f"config={preset}"])
+        for name in cfg.methods:
+            _, args = bench.load_method(name)
+            loop = load_config("train", [*args, *cfg.train], sections=("step", "evaluate"))
+            if name.startswith("esd-x-") and loop.setting == "sequential":  # ESD-x with one regulariser on
+                regs = loop.step.regularizers
+                assert loop.step.forget_objective == "esd" and loop.step.trainable == "cross_attention", name
+                on = [regs.l1sp.weight > 0, regs.l2sp.weight > 0, regs.selective.fraction > 0, regs.projection.enabled]
+                assert sum(on) == 1, name
 
 
 def test_the_sequence_summary_keeps_the_collapse_that_the_last_request_hides():
