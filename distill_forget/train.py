@@ -185,6 +185,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"bad request file: {err}") from None
     model_dir = resolve_model_dir(cfg.model)
     check_loop_settings(cfg)
+    started_with = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
     prepare_run_dir(cfg, requests_path, run_dir, write=ranks.is_main)
     ranks.barrier()
     device = pick_device(cfg.evaluate.device)
@@ -235,7 +236,10 @@ def main(argv=None) -> None:
                 record = run_request(
                     cfg, index, request, requests, teacher_dir, folder, records, judge, device, model_dir, ranks, report
                 )  # fmt: skip
-            except CheckpointError as err:  # the finished requests stay as they are
+            except CheckpointError as err:  # the finished requests stay as they are, and the config they ran with
+                if ranks.is_main and started_with is not None:
+                    with atomic_file(run_dir / "config.yaml") as tmp:
+                        tmp.write_text(started_with)
                 raise SystemExit(f"[{index}/{len(requests)}] {request.concept!r}: {err}") from None
             if ranks.is_main:
                 record = ledger.append(record)

@@ -67,6 +67,12 @@ def test_killed_during_a_request_resumes_from_its_checkpoint(tiny_run):
     first = (
         run_dir / "steps" / "01-dots" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
     ).stat().st_mtime_ns
+    # rerun under another setting of what it trains: refused by name, the run folder as it was
+    config = (run_dir / "config.yaml").read_text()
+    proc = train([*args, "step.lambda_r=50"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "[2/2] 'star': checkpoint" in out and "lambda_r: 25.0 -> 50" in out, out[-3000:]
+    assert (run_dir / "config.yaml").read_text() == config and ckpt.exists() and ledger_lines(run_dir) == 1
     out = finish(args)
     assert "'dots': done before, weights verified" in out  # no finished step redone
     assert "resuming 'star' from" in out  # the unfinished one continues from its checkpoint
