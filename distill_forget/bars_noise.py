@@ -1,6 +1,7 @@
 """How much the bars' figures move by chance: a run's steps read again on more seeds.
 
     python -m distill_forget.bars_noise RUN [--seeds 12] [--steps 01-dots 05-neon ...] [--judge SPEC]
+                                           [--base-from OTHER_RUN]
 
 The loop reads UA, IRA, CRA and NRA from one image per (object, style, seed) under the evaluation
 seeds: 36 images of each concept with three seeds. One student reads differently on other seeds,
@@ -13,7 +14,9 @@ records: its weights those of the record (as when the loop goes on from a step),
 the evaluation the record holds, and the starting model the weights the first request started from.
 Every model's judgements are kept in RUN/bars_noise/<name>.json, written whole with the hash of
 the weights they were drawn from, and a rerun reuses them (those of other weights, a step folder
-replaced since, are drawn again). For each step and bar it gives the figure over disjoint groups
+replaced since, are drawn again); `--base-from OTHER_RUN` joins another run's kept judgements of the
+same starting model (same weights, sampler settings and judge, else refused), so it is not drawn
+again. For each step and bar it gives the figure over disjoint groups
 of the evaluation's size (the first group is the loop's own reading; their spread is the noise of
 one reading) and over all the seeds pooled (`--seeds` / 3 times the images, the steadier figure),
 against the bars of `check.bars` in the run's config, and, pooled, how many images of each concept the judge reads
@@ -63,6 +66,33 @@ def read_cache(path: Path, weights: str, say=print) -> list[dict]:
             "or a file copied from another run); drawing again", flush=True)  # fmt: skip
         return []
     return judged
+
+
+# What makes a model's grid images and their judgements the same in two runs, besides its weights and the seeds
+DRAWN_WITH = ("evaluate.sampling_steps", "evaluate.guidance_scale", "judge")
+
+
+def take_base_from(other: Path, run_cfg, weights: str, cache: Path, say=print) -> None:
+    """Another run's kept judgements of the starting model (`other`/bars_noise/base.json) joined to this run's
+    (`cache`), so that they are not drawn again. Refused unless they were drawn from the same weights, with the
+    same sampler settings and judge; seeds this run already holds keep this run's judgements."""
+    source = other / "bars_noise" / "base.json"
+    if not source.is_file():
+        raise SystemExit(f"--base-from {other}: {source} is missing (read that run with bars_noise first)")
+    other_cfg = OmegaConf.merge(read_config("train"), OmegaConf.load(other / "config.yaml"))
+    for key in DRAWN_WITH:
+        mine, theirs = OmegaConf.select(run_cfg, key), OmegaConf.select(other_cfg, key)
+        if mine != theirs:
+            raise SystemExit(f"--base-from {other}: its {key} is {theirs}, this run's {mine}: its images differ")
+    taken = read_cache(source, weights, say=lambda *a, **k: None)
+    if not taken:
+        raise SystemExit(f"--base-from {other}: its starting model's judgements were drawn from other weights")
+    held = read_cache(cache, weights, say) if cache.is_file() else []
+    seeds = {r["seed"] for r in held}
+    judged = held + [r for r in taken if r["seed"] not in seeds]
+    write_json(cache, {"model": str(run_cfg.model), "weights": weights, "judged": judged})
+    added = len({r["seed"] for r in judged}) - len(seeds)
+    say(f"  base: {added} seed(s) of judgements taken from {source}", flush=True)
 
 
 def judged_on(
@@ -248,6 +278,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=12, help="seeds in all, a multiple of the evaluation's")
     parser.add_argument("--steps", nargs="*", help="step folder names (default: every evaluated step)")
     parser.add_argument("--judge", default=None, help="default: the run's judge")
+    parser.add_argument("--base-from", type=Path, default=None,
+                        help="another run folder read by bars_noise, of the same starting model: its judgements of "
+                             "that model are reused instead of drawn again")  # fmt: skip
     args = parser.parse_args(argv)
     for needed in ("config.yaml", "base/metrics.json", LEDGER_NAME):
         if not (args.run / needed).is_file():
@@ -268,6 +301,8 @@ def main(argv=None) -> None:
     bars = dict(run_cfg.check.bars)
     out = args.run / "bars_noise"
     print(f"reading {args.run}: base and {len(steps)} steps under {len(seeds)} seeds", flush=True)
+    if args.base_from is not None:
+        take_base_from(args.base_from, run_cfg, base_weights, out / "base.json")
     base_evaluation = json.loads((args.run / "base" / "metrics.json").read_text())
     base_judged = judged_on(model_dir, base_weights, base_evaluation["judged"], seeds, out / "base.json", judge, cfg)
     rows = []

@@ -148,6 +148,41 @@ def test_judgements_kept_for_other_weights_are_drawn_again(evaluated_run, monkey
     assert json.loads(kept.read_text())["weights"] == cached["weights"]
 
 
+def test_another_runs_judgements_of_the_same_starting_model_are_taken_not_drawn(evaluated_run, tmp_path, monkeypatch):
+    run, _, _ = evaluated_run
+    other = tmp_path / "other"
+    shutil.copytree(run, other)  # another run of the same starting model and evaluation
+    with pytest.raises(SystemExit, match=r"other/bars_noise/base.json is missing"):
+        bars_noise.main([str(run), "--seeds", "2", "--base-from", str(other)])
+    bars_noise.main([str(other), "--seeds", "2"])
+
+    drawn_for = []
+    generate = bars_noise.generate
+
+    def counting(pipe, items, *args):
+        drawn_for.append(sorted({item["seed"] for item in items}))
+        return generate(pipe, items, *args)
+
+    monkeypatch.setattr(bars_noise, "generate", counting)
+    bars_noise.main([str(run), "--seeds", "2", "--base-from", str(other)])
+    assert drawn_for == [[13]]  # the step's fresh seed; the starting model's came from the other run
+    ours, theirs = (json.loads((r / "bars_noise" / "base.json").read_text()) for r in (run, other))
+    assert ours["judged"] == theirs["judged"] and ours["weights"] == theirs["weights"]
+    assert json.loads((run / "bars_noise" / "bars_noise.json").read_text())["steps"] == json.loads(
+        (other / "bars_noise" / "bars_noise.json").read_text()
+    )["steps"]
+
+    config = OmegaConf.load(other / "config.yaml")  # drawn with other sampler settings: refused
+    OmegaConf.save(OmegaConf.merge(config, {"evaluate": {"sampling_steps": 3}}), other / "config.yaml")
+    with pytest.raises(SystemExit, match=r"its evaluate.sampling_steps is 3, this run's 2"):
+        bars_noise.main([str(run), "--seeds", "2", "--base-from", str(other)])
+    OmegaConf.save(config, other / "config.yaml")
+    kept = other / "bars_noise" / "base.json"  # drawn from other weights: refused
+    kept.write_text(json.dumps({**theirs, "weights": "0" * 64}))
+    with pytest.raises(SystemExit, match="drawn from other weights"):
+        bars_noise.main([str(run), "--seeds", "2", "--base-from", str(other)])
+
+
 def test_a_step_or_model_other_than_the_ledger_records_is_refused_before_drawing(
     evaluated_run, tiny_pipeline_dir, teacher_dir, monkeypatch
 ):
