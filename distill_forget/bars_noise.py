@@ -72,6 +72,11 @@ def read_cache(path: Path, weights: str, say=print) -> list[dict]:
 DRAWN_WITH = ("evaluate.sampling_steps", "evaluate.guidance_scale", "judge")
 
 
+def run_config(run: Path):
+    """A run's saved config over today's defaults (a run from before a setting existed reads its default)."""
+    return OmegaConf.merge(read_config("train"), OmegaConf.load(run / "config.yaml"))
+
+
 def take_base_from(other: Path, run_cfg, weights: str, cache: Path, say=print) -> None:
     """Another run's kept judgements of the starting model (`other`/bars_noise/base.json) joined to this run's
     (`cache`), so that they are not drawn again. Refused unless they were drawn from the same weights, with the
@@ -79,7 +84,7 @@ def take_base_from(other: Path, run_cfg, weights: str, cache: Path, say=print) -
     source = other / "bars_noise" / "base.json"
     if not source.is_file():
         raise SystemExit(f"--base-from {other}: {source} is missing (read that run with bars_noise first)")
-    other_cfg = OmegaConf.merge(read_config("train"), OmegaConf.load(other / "config.yaml"))
+    other_cfg = run_config(other)
     for key in DRAWN_WITH:
         mine, theirs = OmegaConf.select(run_cfg, key), OmegaConf.select(other_cfg, key)
         if mine != theirs:
@@ -285,8 +290,7 @@ def main(argv=None) -> None:
     for needed in ("config.yaml", "base/metrics.json", LEDGER_NAME):
         if not (args.run / needed).is_file():
             raise SystemExit(f"{args.run} is not an evaluated run folder ({needed} is missing)")
-    # a run from before a setting existed reads its default (the check's seeds, its bars)
-    run_cfg = OmegaConf.merge(read_config("train"), OmegaConf.load(args.run / "config.yaml"))
+    run_cfg = run_config(args.run)  # the check's seeds and bars: their defaults for a run from before them
     try:
         seeds = study_seeds(run_cfg, args.seeds)
     except ValueError as error:

@@ -142,17 +142,18 @@ def merge_overrides(settings: DictConfig, request: Request) -> DictConfig:
 def merge_settings(settings: DictConfig, overrides: dict, where: str, error=ValueError) -> DictConfig:
     """`settings` with `overrides` (nested step settings) merged in; an unknown name raises `error`."""
     merged = copy.deepcopy(settings)
-    for key, value in _flat(overrides):
+    for key, value in flat_items(overrides):
         if OmegaConf.select(settings, key, default="__missing__") == "__missing__":
             raise error(f"{where}: {key!r} is not a step setting (see configs/step.yaml)")
         OmegaConf.update(merged, key, value, merge=True)
     return merged
 
 
-def _flat(mapping: dict, prefix: str = ""):
+def flat_items(mapping: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a nested dict."""
     for key, value in mapping.items():
         if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
+            yield from flat_items(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 

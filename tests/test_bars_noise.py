@@ -127,14 +127,8 @@ def test_a_folder_that_is_no_run_an_unknown_step_or_a_cut_off_cache_is_refused_b
         bars_noise.main([str(run)])
 
 
-def test_judgements_kept_for_other_weights_are_drawn_again(evaluated_run, monkeypatch):
-    run, _, _ = evaluated_run
-    bars_noise.main([str(run), "--seeds", "2"])
-    kept = run / "bars_noise" / "01-star.json"
-    cached = json.loads(kept.read_text())
-    assert cached["weights"] == weights_hash(run / "steps" / "01-star" / "pipeline")
-    kept.write_text(json.dumps({**cached, "weights": "0" * 64}))  # as if the step folder had been replaced
-
+def seeds_drawn(monkeypatch) -> list[list[int]]:
+    """The seeds of every call that draws images from now on, one list per call."""
     drawn_for = []
     generate = bars_noise.generate
 
@@ -143,6 +137,18 @@ def test_judgements_kept_for_other_weights_are_drawn_again(evaluated_run, monkey
         return generate(pipe, items, *args)
 
     monkeypatch.setattr(bars_noise, "generate", counting)
+    return drawn_for
+
+
+def test_judgements_kept_for_other_weights_are_drawn_again(evaluated_run, monkeypatch):
+    run, _, _ = evaluated_run
+    bars_noise.main([str(run), "--seeds", "2"])
+    kept = run / "bars_noise" / "01-star.json"
+    cached = json.loads(kept.read_text())
+    assert cached["weights"] == weights_hash(run / "steps" / "01-star" / "pipeline")
+    kept.write_text(json.dumps({**cached, "weights": "0" * 64}))  # as if the step folder had been replaced
+
+    drawn_for = seeds_drawn(monkeypatch)
     bars_noise.main([str(run), "--seeds", "2"])
     assert drawn_for == [[13]]  # the step's fresh seed again; the base's judgements still hold
     assert json.loads(kept.read_text())["weights"] == cached["weights"]
@@ -156,14 +162,7 @@ def test_another_runs_judgements_of_the_same_starting_model_are_taken_not_drawn(
         bars_noise.main([str(run), "--seeds", "2", "--base-from", str(other)])
     bars_noise.main([str(other), "--seeds", "2"])
 
-    drawn_for = []
-    generate = bars_noise.generate
-
-    def counting(pipe, items, *args):
-        drawn_for.append(sorted({item["seed"] for item in items}))
-        return generate(pipe, items, *args)
-
-    monkeypatch.setattr(bars_noise, "generate", counting)
+    drawn_for = seeds_drawn(monkeypatch)
     bars_noise.main([str(run), "--seeds", "2", "--base-from", str(other)])
     assert drawn_for == [[13]]  # the step's fresh seed; the starting model's came from the other run
     ours, theirs = (json.loads((r / "bars_noise" / "base.json").read_text()) for r in (run, other))

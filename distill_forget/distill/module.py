@@ -32,6 +32,7 @@ from distill_forget.distill.prompts import PromptGroups
 from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask
 from distill_forget.distill.replay import TeacherSampler, make_replay
 from distill_forget.distributed import current_ranks
+from distill_forget.requests import flat_items
 
 TRAINABLE = {
     "full": lambda name: True,
@@ -103,20 +104,13 @@ class CheckpointError(ValueError):
     """A request's Lightning checkpoint that cannot be resumed: unreadable, or trained under other settings."""
 
 
-def settings_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
+def settings_changes(before: dict, now: dict) -> list[str]:
     """`key: before -> now` for every setting that differs between two nested dicts (keys dotted), but those
     of `RESUMABLE_CHANGES`."""
-    changes = []
-    for key in sorted(before.keys() | now.keys(), key=str):
-        name = f"{prefix}{key}"
-        old, new = before.get(key, "(unset)"), now.get(key, "(unset)")
-        if old == new or (not prefix and key in RESUMABLE_CHANGES):
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += settings_changes(old, new, f"{name}.")
-        else:
-            changes.append(f"{name}: {old} -> {new}")
-    return changes
+    before, now = dict(flat_items(before)), dict(flat_items(now))
+    pairs = {key: (before.get(key, "(unset)"), now.get(key, "(unset)")) for key in sorted(before.keys() | now.keys())}
+    return [f"{key}: {old} -> {new}" for key, (old, new) in pairs.items()
+            if old != new and key.split(".")[0] not in RESUMABLE_CHANGES]
 
 
 def training_seed(cfg) -> int:
@@ -503,9 +497,9 @@ class DistillForgetModule(L.LightningModule):
         # A request goes on only under the settings it was trained with so far: a rerun with other settings
         # would finish it as a mix of two. (Checkpoints written before 12-05 carry none and are resumed.)
         trained_under = checkpoint.get("step_settings")
-        now = OmegaConf.to_container(self.cfg, resolve=True)
-        changed = [] if trained_under is None else settings_changes(trained_under, now)
-        if changed:
+        if trained_under is not None and (
+            changed := settings_changes(trained_under, OmegaConf.to_container(self.cfg, resolve=True))
+        ):
             raise CheckpointError(
                 f"it was trained under other step settings ({'; '.join(changed)}): rerun with those to resume it, "
                 "or delete the checkpoint to train the request again under these"
