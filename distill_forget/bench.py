@@ -115,6 +115,7 @@ def method_summary(name: str, description: str, run_dir: Path, args: list[str]) 
             "relative_to_base": {f"{k}_rel": s["relative_to_base"].get(f"{k}_rel") for k in RETENTION},
             "seconds": s["seconds"],
             "cumulative_seconds": s["cumulative_seconds"],
+            "threads": s.get("threads"),
         }
         for s in report["steps"]
     ]
@@ -250,16 +251,26 @@ def _cell(value, key: str = "") -> str:
     return format(value, ".3g" if key == "quality" else ".1f")
 
 
+def threads_cell(steps: list[dict]) -> str:
+    """The thread counts a method's requests trained with: `2`, `1-2` where they differ, `-` where none was recorded."""
+    counts = sorted({s["threads"] for s in steps if s.get("threads")})
+    if not counts:
+        return "-"
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
 def format_markdown(bench: dict) -> str:
     methods = bench["methods"]
-    header = ["method", "setting", "UA", "IRA", "CRA", "NRA", "quality", "IRA / CRA / NRA vs base %", "cumulative s"]
+    header = ["method", "setting", "UA", "IRA", "CRA", "NRA", "quality", "IRA / CRA / NRA vs base %", "cumulative s",
+              "threads"]
     lines = [
         "# Unlearning methods compared",
         "",
         f"Requests: `{bench['requests']}`. Metrics in % after the last request (quality: Frechet distance,"
         " lower is better); `-` is not measured. Per-request curves below and in `bench.png`."
-        f" Methods ran {bench.get('jobs', 1)} at a time, {bench.get('threads_per_method') or '-'} thread(s) each:"
-        " costs compare within this table.",
+        f" The last bench command ran its methods {bench.get('jobs', 1)} at a time; a method an earlier command"
+        " finished was reused as it ran then. `threads`: the CPU threads each request trained with (`-`: not"
+        " recorded); costs compare between methods that ran alike.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -271,7 +282,8 @@ def format_markdown(bench: dict) -> str:
         rel = " / ".join(_cell(last["relative_to_base"].get(f"{k}_rel")) for k in RETENTION)
         cells = [_cell(last["metrics"][k], k) for k in MAIN_METRICS]
         lines.append(
-            f"| {name} | {last['setting']} | " + " | ".join(cells) + f" | {rel} | {last['cumulative_seconds']:.0f} |"
+            f"| {name} | {last['setting']} | " + " | ".join(cells)
+            + f" | {rel} | {last['cumulative_seconds']:.0f} | {threads_cell(m['steps'])} |"
         )
     lines += ["", "Methods:", ""] + [f"- `{name}`: {m['description']}" for name, m in methods.items()]
     if bench.get("command_line"):  # a method's description names its file's settings, not these

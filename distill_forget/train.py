@@ -336,6 +336,7 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         "started": started,
         "finished": utc_now(),
         "seconds": seconds,
+        "threads": torch.get_num_threads(),  # the CPU threads the seconds were spent with
         "targets": step_record["targets"],
         "neighbors": step_record["neighbors"],
         "replayed_concepts": step_record["replayed_concepts"],
@@ -412,6 +413,7 @@ def report_row(record: dict) -> dict:
         "metrics": record["metrics"],
         "base_metrics": record.get("base_metrics"),
         "seconds": record["seconds"],
+        "threads": record.get("threads"),  # None in records written before 12-05
         "checkpoint": record["checkpoint"],
         "output_hash": record["output_hash"],
         "targets": dict(record["targets"].get("counts", {})),

@@ -43,6 +43,7 @@ def test_bench_writes_results_and_a_rerun_reuses_finished_runs(
         for step in method["steps"]:
             assert set(step["metrics"]) == {"ua", "ira", "cra", "nra", "quality"}
             assert step["seconds"] > 0 and step["cumulative_seconds"] >= step["seconds"]
+            assert step["threads"] == 1  # what the seconds were spent with (FAST: threads=1)
         assert method["base"] == result["methods"]["distill"]["base"]  # same prompts, seeds and judge
     # the merged method: independent students from the base, merged with TIES after each request
     ties = Ledger(out / "ablation-ties" / "ledger.jsonl").verify()
@@ -55,6 +56,10 @@ def test_bench_writes_results_and_a_rerun_reuses_finished_runs(
     assert Ledger(out / "distill" / "ledger.jsonl").verify()[1]["input_hash"] != ties[1]["input_hash"]  # sequential
     markdown = (out / "bench.md").read_text()
     assert "| distill | sequential |" in markdown and "| ablation-ties | independent |" in markdown
+    main_rows = ("| distill | sequential |", "| ablation-ties | independent |")
+    rows = [row for row in markdown.splitlines() if row.startswith(main_rows)]
+    assert len(rows) == 2 and all(row.endswith(" | 1 |") for row in rows)  # the threads column
+    assert bench.threads_cell([{"threads": 2}, {"threads": 1}, {}]) == "1-2" and bench.threads_cell([{}]) == "-"
     assert "## UA" in markdown and "cumulative cost" in markdown
     given = [a for a in FAST if not a.startswith("threads=")]  # the settings of the runs, not the bench's own
     assert result["command_line"] == given  # a method's description names its file's settings only
