@@ -227,11 +227,22 @@ def networks(tiny_pipeline_dir):
     return teacher, PromptEncoder(pipe.tokenizer, pipe.text_encoder)
 
 
-def test_forget_mapping_refuses_timesteps_the_schedule_does_not_have():
+def test_forget_mapping_draws_its_timesteps_in_its_range_and_refuses_others():
     draw = GlobalBatch(seed=0)
     assert ForgetMapping(training_scheduler(), 999, draw).t_max == 999
-    with pytest.raises(ValueError, match=r"t_max=1000.*\[0, 999\]"):
+    with pytest.raises(ValueError, match=r"t_max=1000.*<= 999"):
         ForgetMapping(training_scheduler(), 1000, draw)
+    with pytest.raises(ValueError, match=r"t_min=700, t_max=600"):
+        ForgetMapping(training_scheduler(), 600, draw, t_min=700)
+
+    z0 = torch.zeros(64, 4, 2, 2)
+    drawn = torch.cat([ForgetMapping(training_scheduler(), 600, draw, t_min=200).rows(z0, None, None).t
+                       for _ in range(8)])  # fmt: skip
+    assert drawn.min() >= 200 and drawn.max() <= 600
+    assert drawn.min() < 220 and drawn.max() > 580  # the whole range, not a corner of it
+    # t_min 0 draws the published U{0, ..., t_max}, timestep for timestep
+    from_zero = ForgetMapping(training_scheduler(), 600, GlobalBatch(seed=5), t_min=0).rows(z0, None, None).t
+    assert torch.equal(from_zero, GlobalBatch(seed=5).randint(601, len(z0)))
 
 
 def test_each_objective_is_zero_when_student_equals_teacher(networks):

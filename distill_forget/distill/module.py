@@ -74,7 +74,7 @@ def loss_scales(name: str) -> tuple[str, str]:
 def forget_objective(cfg, noise_scheduler, draw, scale: str):
     """The forget loss named by `forget_objective`: distill (ForgetMapping, at `scale`) | esd | ablation."""
     if cfg.forget_objective == "distill":
-        return ForgetMapping(noise_scheduler, cfg.t_max, draw, scale, cfg.forget_overshoot)
+        return ForgetMapping(noise_scheduler, cfg.t_max, draw, scale, cfg.forget_overshoot, cfg.t_min)
     if cfg.forget_objective == "esd":
         return ESD(noise_scheduler, cfg.esd.eta, draw)
     if cfg.forget_objective == "ablation":

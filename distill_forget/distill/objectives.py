@@ -31,10 +31,12 @@ class Rows:
     teacher: list[Condition]  # one stop-gradient teacher prediction per condition
 
 
-def noised(noise_scheduler, z0: torch.Tensor, t_high: int, draw: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_noise(z0, n, t)` with fresh noise n and t ~ U{0, ..., t_high - 1}, this rank's share of the
-    global batch's."""
-    t = draw.randint(t_high, z0.shape[0], z0.device)
+def noised(
+    noise_scheduler, z0: torch.Tensor, t_high: int, draw: GlobalBatch, t_low: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_noise(z0, n, t)` with fresh noise n and t ~ U{t_low, ..., t_high - 1}, this rank's share of
+    the global batch's."""
+    t = t_low + draw.randint(t_high - t_low, z0.shape[0], z0.device)
     noise = draw.randn(z0.shape[0], z0.shape[1:], z0.device).to(z0.dtype)
     return noise_scheduler.add_noise(z0, noise, t), t
 
@@ -111,7 +113,7 @@ class ForgetMapping(DistillationLoss):
     """L_forget: on latents where the teacher draws the concept, steer as it does toward the target.
 
     `eps(S, x_t, t, p_f)` is pulled to `sg eps(T, x_t, t, p_m)`, `p_m` the forget prompt `p_f`
-    with the concept replaced; `t ~ U[0, t_max]` (published: t_max 600-700 of 1000).
+    with the concept replaced; `t ~ U[t_min, t_max]` (published: t_min 0, t_max 600-700 of 1000).
 
     scale `mse`: the published mean squared difference. `relative`: each sample's squared
     difference divided by the teacher's own, `sg || eps(T, x_t, t, p_f) - eps(T, x_t, t, p_m) ||^2`,
@@ -126,16 +128,19 @@ class ForgetMapping(DistillationLoss):
 
     latents, reference = "forget", "mapped"  # the replay group of z0; the teacher's prompt group
 
-    def __init__(self, noise_scheduler, t_max: int, draw: GlobalBatch, scale: str = "mse", overshoot: float = 0.0):
+    def __init__(
+        self, noise_scheduler, t_max: int, draw: GlobalBatch, scale: str = "mse", overshoot: float = 0.0, t_min: int = 0
+    ):
         super().__init__()
         last = noise_scheduler.config.num_train_timesteps - 1
-        if not 0 <= t_max <= last:
-            raise ValueError(f"t_max={t_max}: the forget mapping's timesteps must lie in [0, {last}]")
-        self.noise_scheduler, self.t_max, self.draw, self.scale = noise_scheduler, t_max, draw, checked_scale(scale)
-        self.overshoot = overshoot
+        if not 0 <= t_min <= t_max <= last:
+            raise ValueError(f"t_min={t_min}, t_max={t_max}: the forget mapping's timesteps must satisfy "
+                             f"0 <= t_min <= t_max <= {last}")
+        self.noise_scheduler, self.t_min, self.t_max = noise_scheduler, t_min, t_max
+        self.draw, self.scale, self.overshoot = draw, checked_scale(scale), overshoot
 
     def rows(self, z0, forget_embeds, mapped_embeds) -> Rows:
-        x_t, t = noised(self.noise_scheduler, z0, self.t_max + 1, self.draw)
+        x_t, t = noised(self.noise_scheduler, z0, self.t_max + 1, self.draw, self.t_min)
         teacher = [mapped_embeds] if self.scale == "mse" and not self.overshoot else [forget_embeds, mapped_embeds]
         return Rows(x_t, t, forget_embeds, teacher)
 
