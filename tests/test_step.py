@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.config import load_config
 from distill_forget.distill.global_batch import GlobalBatch
-from distill_forget.distill.module import TRAINABLE, CheckpointError
+from distill_forget.distill.module import TRAINABLE, CheckpointError, settings_changes
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
     ForgetMapping,
@@ -243,6 +243,16 @@ def test_forget_mapping_draws_its_timesteps_in_its_range_and_refuses_others():
     # t_min 0 draws the published U{0, ..., t_max}, timestep for timestep
     from_zero = ForgetMapping(training_scheduler(), 600, GlobalBatch(seed=5), t_min=0).rows(z0, None, None).t
     assert torch.equal(from_zero, GlobalBatch(seed=5).randint(601, len(z0)))
+
+
+def test_a_setting_added_since_a_checkpoint_changes_nothing_at_its_default():
+    before = {"lr": 1e-4, "replay": {"bank_size": 32}}  # written before t_min existed
+    defaults = {"t_min": 0, "lr": 1e-4, "replay": {"bank_size": 32, "mean_weight": 0.0}}
+    now = {**before, "t_min": 0, "replay": {"bank_size": 32, "mean_weight": 0.0}}
+    assert settings_changes(before, now, defaults) == []
+    assert settings_changes(before, {**before, "t_min": 300}, defaults) == ["t_min: (unset) -> 300"]
+    assert settings_changes(before, {**before, "lr": 3e-4, "t_min": 0}, defaults) == ["lr: 0.0001 -> 0.0003"]
+    assert settings_changes({**before, "t_min": 200}, {**before, "t_min": 0}, defaults) == ["t_min: 200 -> 0"]
 
 
 def test_each_objective_is_zero_when_student_equals_teacher(networks):

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 from omegaconf import OmegaConf
 
+from distill_forget.config import read_config
 from distill_forget.distill.global_batch import GlobalBatch
 from distill_forget.distill.networks import Blend, Condition, Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
@@ -104,13 +105,15 @@ class CheckpointError(ValueError):
     """A request's Lightning checkpoint that cannot be resumed: unreadable, or trained under other settings."""
 
 
-def settings_changes(before: dict, now: dict) -> list[str]:
+def settings_changes(before: dict, now: dict, defaults: dict | None = None) -> list[str]:
     """`key: before -> now` for every setting that differs between two nested dicts (keys dotted), but those
-    of `RESUMABLE_CHANGES`."""
-    before, now = dict(flat_items(before)), dict(flat_items(now))
+    of `RESUMABLE_CHANGES`. A setting `before` lacks (added to the code since) is no change where `now` holds
+    its value in `defaults`: a new setting's default trains as the code did before it."""
+    before, now, defaults = dict(flat_items(before)), dict(flat_items(now)), dict(flat_items(defaults or {}))
     pairs = {key: (before.get(key, "(unset)"), now.get(key, "(unset)")) for key in sorted(before.keys() | now.keys())}
     return [f"{key}: {old} -> {new}" for key, (old, new) in pairs.items()
-            if old != new and key.split(".")[0] not in RESUMABLE_CHANGES]
+            if old != new and key.split(".")[0] not in RESUMABLE_CHANGES
+            and not (key not in before and key in defaults and new == defaults[key])]  # fmt: skip
 
 
 def training_seed(cfg) -> int:
@@ -497,9 +500,8 @@ class DistillForgetModule(L.LightningModule):
         # A request goes on only under the settings it was trained with so far: a rerun with other settings
         # would finish it as a mix of two. (Checkpoints written before 12-05 carry none and are resumed.)
         trained_under = checkpoint.get("step_settings")
-        if trained_under is not None and (
-            changed := settings_changes(trained_under, OmegaConf.to_container(self.cfg, resolve=True))
-        ):
+        now, defaults = OmegaConf.to_container(self.cfg, resolve=True), OmegaConf.to_container(read_config("step"))
+        if trained_under is not None and (changed := settings_changes(trained_under, now, defaults)):
             raise CheckpointError(
                 f"it was trained under other step settings ({'; '.join(changed)}): rerun with those to resume it, "
                 "or delete the checkpoint to train the request again under these"
