@@ -655,6 +655,10 @@ def test_chain_overrides_apply_where_an_earlier_request_was_mapped_onto_the_conc
     assert plain.forget_overshoot == 0.0 and plain.lambda_forgotten == 5.0  # configs/step.yaml's own values
     off = OmegaConf.merge(fast_cfg(), {"target": {"chain_overrides": None}})  # null: none
     assert request_settings(off, triangle, [cross]).forget_overshoot == fast_cfg().forget_overshoot
+    # a request file may set the chain's overrides for its own requests (as measured before a default changed)
+    pinned = {"target": {"chain_overrides": {"forget_overshoot": 0.5}}}
+    assert request_settings(cfg, Request("triangle", "object", overrides=pinned), [cross]).forget_overshoot == 0.5
+    assert request_settings(cfg, Request("heart", "object", overrides=pinned), [cross]).forget_overshoot == 0.0
     misspelt = OmegaConf.merge(fast_cfg(), {"target": {"chain_overrides": {"forget_overshot": 0.5}}})
     with pytest.raises(ValueError, match=r"chain_overrides.*forget_overshot"):
         request_settings(misspelt, triangle, [cross])

@@ -263,8 +263,9 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
 
 def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]) -> DictConfig:
     """The step settings of `request`: `target.chain_overrides` merged in when an earlier request
-    was mapped onto its concept (the end of a chain of targets), then the request's own `overrides`."""
-    chain = cfg.target.chain_overrides
+    was mapped onto its concept (the end of a chain of targets), then the request's own `overrides`.
+    The chain's overrides are the request's own where its `overrides` set them."""
+    chain = merge_overrides(cfg, request).target.chain_overrides
     if chain and any(request.concept in f.targets for f in forgotten):
         cfg = merge_settings(cfg, OmegaConf.to_container(chain), "step.target.chain_overrides")
     return merge_overrides(cfg, request)
