@@ -75,7 +75,7 @@ def loss_scales(name: str) -> tuple[str, str]:
 def forget_objective(cfg, noise_scheduler, draw, scale: str):
     """The forget loss named by `forget_objective`: distill (ForgetMapping, at `scale`) | esd | ablation."""
     if cfg.forget_objective == "distill":
-        return ForgetMapping(noise_scheduler, cfg.t_max, draw, scale, cfg.forget_overshoot, cfg.t_min)
+        return ForgetMapping(noise_scheduler, cfg.t_max, draw, scale, cfg.forget_overshoot, t_min=cfg.t_min)
     if cfg.forget_objective == "esd":
         return ESD(noise_scheduler, cfg.esd.eta, draw)
     if cfg.forget_objective == "ablation":
@@ -500,12 +500,13 @@ class DistillForgetModule(L.LightningModule):
         # A request goes on only under the settings it was trained with so far: a rerun with other settings
         # would finish it as a mix of two. (Checkpoints written before 12-05 carry none and are resumed.)
         trained_under = checkpoint.get("step_settings")
-        now, defaults = OmegaConf.to_container(self.cfg, resolve=True), OmegaConf.to_container(read_config("step"))
-        if trained_under is not None and (changed := settings_changes(trained_under, now, defaults)):
-            raise CheckpointError(
-                f"it was trained under other step settings ({'; '.join(changed)}): rerun with those to resume it, "
-                "or delete the checkpoint to train the request again under these"
-            )
+        if trained_under is not None:
+            now = OmegaConf.to_container(self.cfg, resolve=True)
+            if changed := settings_changes(trained_under, now, OmegaConf.to_container(read_config("step"))):
+                raise CheckpointError(
+                    f"it was trained under other step settings ({'; '.join(changed)}): rerun with those to resume "
+                    "it, or delete the checkpoint to train the request again under these"
+                )
         if "global_batch" in checkpoint:
             self.draw.load_state_dict(checkpoint["global_batch"])
         if "selective_masks" in checkpoint:

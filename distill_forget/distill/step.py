@@ -265,10 +265,11 @@ def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]
     """The step settings of `request`: `target.chain_overrides` merged in when an earlier request
     was mapped onto its concept (the end of a chain of targets), then the request's own `overrides`.
     The chain's overrides are the request's own where its `overrides` set them."""
-    chain = merge_overrides(cfg, request).target.chain_overrides
-    if chain and any(request.concept in f.targets for f in forgotten):
-        cfg = merge_settings(cfg, OmegaConf.to_container(chain), "step.target.chain_overrides")
-    return merge_overrides(cfg, request)
+    own = merge_overrides(cfg, request)
+    chain = own.target.chain_overrides
+    if not (chain and any(request.concept in f.targets for f in forgotten)):
+        return own
+    return merge_overrides(merge_settings(cfg, OmegaConf.to_container(chain), "step.target.chain_overrides"), request)
 
 
 # Settings that decide the plan itself: plan overrides are merged after planning, so they may not hold them.
