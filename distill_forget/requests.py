@@ -30,6 +30,18 @@ class RequestFileError(ValueError):
     """A request file that cannot be used as written."""
 
 
+class _RequestFileLoader(yaml.SafeLoader):
+    """YAML as the configs read it: `1e-5` is a number (PyYAML's YAML 1.1 reads it as a string
+    and wants `1.0e-5`; OmegaConf, which reads configs/ and the command line, takes both)."""
+
+
+_RequestFileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 @dataclass
 class Request:
     concept: str
@@ -52,7 +64,7 @@ def load_requests(path, settings: DictConfig | None = None) -> list[Request]:
     if not path.is_file():
         raise RequestFileError(f"request file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_RequestFileLoader)
     except yaml.YAMLError as err:
         raise RequestFileError(f"{path.name}: not valid YAML: {err}") from err
     return parse_requests(data, path.name, settings)
@@ -143,10 +155,17 @@ def merge_settings(settings: DictConfig, overrides: dict, where: str, error=Valu
     """`settings` with `overrides` (nested step settings) merged in; an unknown name raises `error`."""
     merged = copy.deepcopy(settings)
     for key, value in flat_items(overrides):
-        if OmegaConf.select(settings, key, default="__missing__") == "__missing__":
+        default = OmegaConf.select(settings, key, default="__missing__")
+        if default == "__missing__":
             raise error(f"{where}: {key!r} is not a step setting (see configs/step.yaml)")
+        if is_number(default) and not (value is None or is_number(value)):
+            raise error(f"{where}: {key!r} must be a number (it is {default!r} by default), not {value!r}")
         OmegaConf.update(merged, key, value, merge=True)
     return merged
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def flat_items(mapping: dict, prefix: str = ""):

@@ -36,7 +36,7 @@ from distill_forget.distill.step import (
 )
 from distill_forget.distill.targets import ScoreDistances, ScoreProbe, choose_targets, score_distance
 from distill_forget.pipelines import load_pipeline
-from distill_forget.requests import Request, RequestFileError, check_minicanvas, load_requests
+from distill_forget.requests import Request, RequestFileError, check_minicanvas, load_requests, merge_overrides
 from distill_forget.world import concepts
 from distill_forget.world.model import training_scheduler
 
@@ -120,6 +120,19 @@ def test_unknown_override_and_missing_file_are_errors(tmp_path):
         load_requests(path, settings=load_config("step", []))
     with pytest.raises(RequestFileError, match="not found"):
         load_requests(tmp_path / "nowhere.yaml")
+
+
+def test_overrides_read_numbers_as_the_configs_do_and_refuse_text_for_a_number(tmp_path):
+    """`1e-5` is a number in a request file, as in configs/ and on the command line (PyYAML alone
+    reads it as text, which reached the optimizer and failed there)."""
+    path = write(tmp_path, "requests:\n  - {concept: dots, kind: style, overrides: {adamw: {eps: 1e-5}, lr: -2E+3}}\n")
+    (request,) = load_requests(path, settings=load_config("step", []))
+    merged = merge_overrides(load_config("step", []), request)
+    assert merged.adamw.eps == 1e-5 and merged.lr == -2000.0
+    path = write(tmp_path, "requests:\n  - {concept: dots, kind: style, overrides: {steps: 3x}}\n")
+    message = r"request 1 \('dots'\): field 'overrides': 'steps' must be a number \(it is 300 by default\), not '3x'"
+    with pytest.raises(RequestFileError, match=message):
+        load_requests(path, settings=load_config("step", []))
 
 
 def test_minicanvas_check_names_the_field(tmp_path):
