@@ -2,7 +2,7 @@
 that change is the same at every position.
 
     python -m distill_forget.prediction_drift --teacher FOLDER --student FOLDER [--forgotten a b ...]
-                                              [--timesteps 50 200 400 600 800 950]
+                                              [--timesteps 50 200 400 600 800 950] [--concept NAME]
 
 For the evaluation sentence of every retained MiniCanvas (object, style) pair (none naming a
 `--forgotten` concept), at latents the teacher samples for it (guided, as the evaluation
@@ -13,6 +13,14 @@ that difference which is each latent channel's spatial mean (what `step.replay.m
 weighs), and for the guided one the mean itself per channel. A change common to every position
 and every prompt, with the same sign at every t, is one the sampler adds up over its steps into
 a colour cast of every image, although the plain mean squared difference counts it little.
+
+With `--concept` (the step's concept) it also prints where in the text the step changed the
+cross-attention's value path, what each token hands the image once attended: for every token
+e of a prompt, over all `attn2` layers, |(W_o' W_v' - W_o W_v) e| / |W_o W_v e| (student ',
+teacher plain; W_v `to_v`, W_o `to_out`'s linear map: a change of one of them that the other
+undoes is no change here), averaged over the start token, the other words, the concept's own
+word pieces, the end token and the padding after it, for the retained prompts and for the
+concept's prompts. An edit local to the concept changes its prompts far more than the rest.
 """
 
 import argparse
@@ -21,10 +29,15 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import load_config
+from distill_forget.distill.networks import prompt_encoder, token_ids
 from distill_forget.distill.objectives import per_sample, per_sample_spatial_mean
 from distill_forget.evaluate import retained_pairs
+from distill_forget.pipelines import load_pipeline
 from distill_forget.step_probe import StepProbe
 from distill_forget.world import concepts
+from distill_forget.world.render import grid_pairs
+
+TOKEN_GROUPS = ("start", "words", "concept", "end", "padding")
 
 
 def spatial_mean_share(difference: torch.Tensor) -> float:
@@ -58,12 +71,43 @@ def prediction_drift(teacher_dir, student_dir, prompts: list[str], timesteps, sa
     return rows
 
 
+def value_paths(unet) -> list[torch.Tensor]:
+    """W_o W_v of every cross-attention layer: (image width, text width) each."""
+    return [m.to_out[0].weight @ m.to_v.weight for name, m in unet.named_modules() if name.endswith("attn2")]
+
+
+@torch.no_grad()
+def value_path_change(teacher_dir, student_dir, prompts: list[str], concept: str) -> dict[str, float | None]:
+    """The relative change of the value path per token group of `prompts` (TOKEN_GROUPS; None
+    for a group none of them has), averaged over that group's tokens."""
+    teacher, student = load_pipeline(teacher_dir), load_pipeline(student_dir)
+    states = prompt_encoder(teacher)(prompts).text  # the text encoder is frozen: the teacher's is the student's
+    change, size = torch.zeros(states.shape[:2]), torch.zeros(states.shape[:2])
+    for before, after in zip(value_paths(teacher.unet), value_paths(student.unet), strict=True):
+        change += (states @ (after - before).T).pow(2).sum(-1)
+        size += (states @ before.T).pow(2).sum(-1)
+    ratio = (change / size).sqrt()
+    ids = token_ids(teacher.tokenizer, prompts, "cpu")
+    position = torch.arange(ids.shape[1]).expand_as(ids)
+    end = (ids == teacher.tokenizer.eos_token_id).int().argmax(1, keepdim=True)
+    own = torch.isin(ids, torch.tensor(teacher.tokenizer(concept, add_special_tokens=False).input_ids))
+    groups = {
+        "start": position == 0,
+        "words": (position > 0) & (position < end) & ~own,
+        "concept": (position > 0) & (position < end) & own,
+        "end": position == end,
+        "padding": position > end,
+    }
+    return {name: float(ratio[mask].mean()) if mask.any() else None for name, mask in groups.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, required=True, help="the step's teacher pipeline folder")
     parser.add_argument("--student", type=Path, required=True, help="the step's output pipeline folder")
     parser.add_argument("--forgotten", nargs="*", default=[], help="concepts whose pairs are left out")
     parser.add_argument("--timesteps", nargs="+", type=int, default=[50, 200, 400, 600, 800, 950])
+    parser.add_argument("--concept", help="the step's concept: also where in the text its value path changed")
     args = parser.parse_args(argv)
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
@@ -77,6 +121,16 @@ def main(argv=None) -> None:
         cells = [f"{row[k]['mse']:9.2e} ({row[k]['mean_share']:4.2f})" for k in ("conditional", "empty", "guided")]
         means = " ".join(f"{v:+.4f}" for v in row["guided"]["channel_means"])
         print(f"{row['t']:>4}  " + "  ".join(f"{c:>18}" for c in cells) + f"  {means}")
+
+    if args.concept:
+        own = [concepts.eval_prompt(o, s) for o, s in grid_pairs() if args.concept in (o, s)]
+        if not own:
+            raise SystemExit(f"{args.concept!r} is no MiniCanvas concept")
+        print("\nvalue path W_o W_v, relative change per token (-: no such token)")
+        print(f"{'prompts':>18}  " + "  ".join(f"{group:>7}" for group in TOKEN_GROUPS))
+        for label, group in ((f"{len(prompts)} retained", prompts), (f"{len(own)} of {args.concept!r}", own)):
+            table = value_path_change(args.teacher, args.student, group, args.concept)
+            print(f"{label:>18}  " + "  ".join("      -" if v is None else f"{v:7.4f}" for v in table.values()))
 
 
 if __name__ == "__main__":

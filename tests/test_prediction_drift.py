@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from distill_forget.distill.networks import prompt_encoder
 from distill_forget.pipelines import load_pipeline
-from distill_forget.prediction_drift import prediction_drift, spatial_mean_share
+from distill_forget.prediction_drift import prediction_drift, spatial_mean_share, value_path_change
 
 PROMPTS = ["a ring in neon style", "a square in dots style", "a star in sketch style"]
 
@@ -40,3 +41,23 @@ def test_spatial_mean_share_of_a_texture_and_a_cast():
     assert spatial_mean_share(torch.full((2, 3, 4, 4), -0.5)) == pytest.approx(1.0)
     assert spatial_mean_share(checker + 1.0) == pytest.approx(0.5)
     assert spatial_mean_share(torch.zeros(2, 3, 4, 4)) == 0.0
+
+
+def test_the_value_path_change_is_read_per_token_group(tiny_pipeline_dir, tmp_path):
+    """Every layer's W_v scaled by 1.5 along the start token's text state (the same in every
+    prompt): that token's value path changes by exactly half, every other token by less."""
+    pipe = load_pipeline(tiny_pipeline_dir)
+    start = prompt_encoder(pipe)(PROMPTS).text[0, 0]
+    along_start = torch.outer(start, start) / start.dot(start)
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_v.weight.add_(0.5 * module.to_v.weight @ along_start)
+    pipe.save_pretrained(tmp_path / "start")
+
+    unchanged = value_path_change(tiny_pipeline_dir, tiny_pipeline_dir, PROMPTS, "neon")
+    assert set(unchanged.values()) == {0.0}
+    changed = value_path_change(tiny_pipeline_dir, tmp_path / "start", PROMPTS, "neon")
+    assert changed["start"] == pytest.approx(0.5, rel=1e-4)
+    assert all(0 < changed[group] < 0.5 for group in ("words", "concept", "end", "padding"))
+    assert value_path_change(tiny_pipeline_dir, tmp_path / "start", PROMPTS[1:], "neon")["concept"] is None
