@@ -256,3 +256,38 @@ def test_ledger_chains_independent_requests_to_the_starting_model(tmp_path):
             {"index": 3, "request": {}, "setting": "independent", "input_hash": "b", "output_hash": "c", **fields}
         )
         ledger.verify()
+
+
+def start_token_change(before: nn.Module, after: nn.Module, start: torch.Tensor) -> float:
+    """The largest relative change over every attn2 of the start token's key W_k s, of what it
+    hands the image W_o W_v s, and of to_out's bias."""
+    worst, modules = 0.0, dict(after.named_modules())
+    for name, b in before.named_modules():
+        if name.endswith("attn2"):
+            a = modules[name]
+            pairs = [
+                (b.to_k.weight @ start, a.to_k.weight @ start),
+                (b.to_out[0].weight @ b.to_v.weight @ start, a.to_out[0].weight @ a.to_v.weight @ start),
+                (b.to_out[0].bias, a.to_out[0].bias),
+            ]
+            worst = max([worst] + [float((y - x).norm() / x.norm()) for x, y in pairs])
+    return worst
+
+
+def test_the_held_start_token_keeps_its_key_value_and_output(tiny_pipeline_dir):
+    """The start token's state is the same in every prompt (a causal text encoder), so holding
+    its key, value path and to_out's bias holds what every prompt reads there."""
+    request = Request("circle", "object", neighbors=["ring"])
+    results = {}
+    for hold in (True, False):
+        cfg = load_config("step", [*FAST, "steps=3", "lr=1e-2", "warmup=1", f"hold_start_token={hold}"])
+        module, _ = build_module(tiny_pipeline_dir, request, cfg, ["dots"])
+        before = copy.deepcopy(module.unet)
+        make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
+        states = torch.cat([module.embeds[g].text for g in ("forget", "retain", "unconditional")])
+        start = states[0, 0]
+        assert torch.allclose(states[:, 0], start.expand_as(states[:, 0]))
+        with torch.no_grad():
+            results[hold] = start_token_change(before, module.unet, start)
+    assert results[True] < 1e-5, results
+    assert results[False] > 1e-2, results  # the same training moves them without the hold

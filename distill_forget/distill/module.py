@@ -30,7 +30,7 @@ from distill_forget.distill.objectives import (
     run_rows,
 )
 from distill_forget.distill.prompts import PromptGroups
-from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask
+from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask, StartTokenHold
 from distill_forget.distill.replay import TeacherSampler, make_replay
 from distill_forget.distributed import current_ranks
 from distill_forget.requests import flat_items
@@ -243,6 +243,7 @@ class DistillForgetModule(L.LightningModule):
                 self.touched[group] = torch.tensor(flags, dtype=torch.bool)
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
+        self.start_token_hold: StartTokenHold | None = None
         self.weights = {
             "forget": cfg.lambda_f,
             "retain": cfg.lambda_r,
@@ -346,6 +347,9 @@ class DistillForgetModule(L.LightningModule):
             self.unet.zero_grad(set_to_none=True)
             kept = sum(int(m.sum()) for m in self.selective.masks.values())
             print(f"[step] selective fine-tuning: {kept} of the trainable elements may change", flush=True)
+        if self.cfg.hold_start_token:
+            start = getattr(self.embeds["unconditional"], "text", self.embeds["unconditional"])[0, 0]
+            self.start_token_hold = StartTokenHold(self.unet, start)
         if regs.projection.enabled:
             # By default: retained and neighbouring concepts, and those forgotten before (kept forgotten).
             protected = [self.embeds[g] for g in self.protected_groups if g in self.embeds]
@@ -480,6 +484,8 @@ class DistillForgetModule(L.LightningModule):
             self.selective.hold(self.unet, self.teacher.unet)
         if self.projection is not None:
             self.projection.project_update(self.unet, self.teacher.unet)
+        if self.start_token_hold is not None:
+            self.start_token_hold.hold(self.unet, self.teacher.unet)
 
     def training_step(self, batch, batch_idx):
         losses = self.losses()

@@ -6,7 +6,12 @@
                          orthogonally to the protected text embeddings, so their keys and
                          values stay the same
 
-Both leave the weights they do not allow to change exactly at the reference (the frozen
+And a step setting of the same kind (not published):
+
+    StartTokenHold       the start token's key and value in every cross-attention layer stay
+                         the teacher's (`step.hold_start_token`)
+
+All leave the weights they do not allow to change exactly at the reference (the frozen
 teacher, M_{i-1}): AdamW's per-element scaling and weight decay would otherwise move them.
 L1-SP / L2-SP are losses: `objectives.StartingPointPenalty`.
 """
@@ -117,3 +122,44 @@ class ProtectedProjection:
         for name in self.names:
             p, r = params[name], ref[name].to(params[name].device).double()
             p.copy_((r + (p.double() - r) @ self.P.to(p.device)).to(p.dtype))
+
+
+class StartTokenHold:
+    """The start token's cross-attention key, value and output held at the reference's.
+
+    The text encoder is causal, so the start token's state is the same in every prompt, the
+    empty one included, and it is there in every cross-attention a prompt makes: a change of its
+    key W_k s, or of what it hands the image W_o W_v s, or of `to_out`'s bias, is a change to
+    every prompt. After each optimizer step: W_k, W_v <- R + (W - R) (I - s s^T / s^T s);
+    W_o <- R_o + (W_o - R_o) (I - v v^T / v^T v) with v = R_v s; the bias <- R's. (R: the
+    reference, the frozen teacher.) Weights that are not trained are left as they are.
+    """
+
+    def __init__(self, unet: torch.nn.Module, start_state: torch.Tensor):
+        self.layers = [
+            name for name, module in unet.named_modules()
+            if name.endswith("attn2") and any(p.requires_grad for p in module.parameters())
+        ]  # fmt: skip
+        self.start = start_state.detach().double().flatten()
+
+    @staticmethod
+    def _hold_along(weight: torch.nn.Parameter, reference: torch.Tensor, direction: torch.Tensor) -> None:
+        if weight.requires_grad:
+            r = reference.to(weight.device).double()
+            d = (weight.double() - r).flatten(1)
+            u = direction.to(weight.device) / direction.norm()
+            weight.copy_((r.flatten(1) + d - torch.outer(d @ u, u)).view_as(weight).to(weight.dtype))
+
+    @torch.no_grad()
+    def hold(self, unet: torch.nn.Module, reference: torch.nn.Module) -> None:
+        modules, ref_modules = dict(unet.named_modules()), dict(reference.named_modules())
+        for name in self.layers:
+            layer, ref = modules[name], ref_modules[name]
+            self._hold_along(layer.to_k.weight, ref.to_k.weight, self.start)
+            self._hold_along(layer.to_v.weight, ref.to_v.weight, self.start)
+            value = ref.to_v.weight.double().cpu() @ self.start  # = the held W_v s
+            self._hold_along(layer.to_out[0].weight, ref.to_out[0].weight, value)
+            bias = layer.to_out[0].bias
+            if bias is not None and bias.requires_grad:
+                bias.copy_(ref.to_out[0].bias.to(bias.device))
+
