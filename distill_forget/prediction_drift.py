@@ -77,10 +77,10 @@ def value_paths(unet) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def value_path_change(teacher_dir, student_dir, prompts: list[str], concept: str) -> dict[str, float | None]:
+def value_path_change(teacher, student, prompts: list[str], concept: str) -> dict[str, float | None]:
     """The relative change of the value path per token group of `prompts` (TOKEN_GROUPS; None
-    for a group none of them has), averaged over that group's tokens."""
-    teacher, student = load_pipeline(teacher_dir), load_pipeline(student_dir)
+    for a group none of them has), averaged over that group's tokens; teacher and student are
+    loaded pipelines."""
     states = prompt_encoder(teacher)(prompts).text  # the text encoder is frozen: the teacher's is the student's
     change, size = torch.zeros(states.shape[:2]), torch.zeros(states.shape[:2])
     for before, after in zip(value_paths(teacher.unet), value_paths(student.unet), strict=True):
@@ -126,10 +126,11 @@ def main(argv=None) -> None:
         own = [concepts.eval_prompt(o, s) for o, s in grid_pairs() if args.concept in (o, s)]
         if not own:
             raise SystemExit(f"{args.concept!r} is no MiniCanvas concept")
+        teacher, student = load_pipeline(args.teacher), load_pipeline(args.student)
         print("\nvalue path W_o W_v, relative change per token (-: no such token)")
         print(f"{'prompts':>18}  " + "  ".join(f"{group:>7}" for group in TOKEN_GROUPS))
         for label, group in ((f"{len(prompts)} retained", prompts), (f"{len(own)} of {args.concept!r}", own)):
-            table = value_path_change(args.teacher, args.student, group, args.concept)
+            table = value_path_change(teacher, student, group, args.concept)
             print(f"{label:>18}  " + "  ".join("      -" if v is None else f"{v:7.4f}" for v in table.values()))
 
 

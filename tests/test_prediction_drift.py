@@ -55,9 +55,9 @@ def test_the_value_path_change_is_read_per_token_group(tiny_pipeline_dir, tmp_pa
                 module.to_v.weight.add_(0.5 * module.to_v.weight @ along_start)
     pipe.save_pretrained(tmp_path / "start")
 
-    unchanged = value_path_change(tiny_pipeline_dir, tiny_pipeline_dir, PROMPTS, "neon")
-    assert set(unchanged.values()) == {0.0}
-    changed = value_path_change(tiny_pipeline_dir, tmp_path / "start", PROMPTS, "neon")
+    teacher, student = load_pipeline(tiny_pipeline_dir), load_pipeline(tmp_path / "start")
+    assert set(value_path_change(teacher, teacher, PROMPTS, "neon").values()) == {0.0}
+    changed = value_path_change(teacher, student, PROMPTS, "neon")
     assert changed["start"] == pytest.approx(0.5, rel=1e-4)
     assert all(0 < changed[group] < 0.5 for group in ("words", "concept", "end", "padding"))
-    assert value_path_change(tiny_pipeline_dir, tmp_path / "start", PROMPTS[1:], "neon")["concept"] is None
+    assert value_path_change(teacher, student, PROMPTS[1:], "neon")["concept"] is None

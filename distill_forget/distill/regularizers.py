@@ -157,9 +157,8 @@ class StartTokenHold:
             layer, ref = modules[name], ref_modules[name]
             self._hold_along(layer.to_k.weight, ref.to_k.weight, self.start)
             self._hold_along(layer.to_v.weight, ref.to_v.weight, self.start)
-            value = ref.to_v.weight.double().cpu() @ self.start  # = the held W_v s
+            value = ref.to_v.weight.double() @ self.start.to(ref.to_v.weight.device)  # = the held W_v s
             self._hold_along(layer.to_out[0].weight, ref.to_out[0].weight, value)
             bias = layer.to_out[0].bias
             if bias is not None and bias.requires_grad:
                 bias.copy_(ref.to_out[0].bias.to(bias.device))
-
