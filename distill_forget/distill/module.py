@@ -349,7 +349,7 @@ class DistillForgetModule(L.LightningModule):
             print(f"[step] selective fine-tuning: {kept} of the trainable elements may change", flush=True)
         if self.cfg.hold_start_token:
             start = getattr(self.embeds["unconditional"], "text", self.embeds["unconditional"])[0, 0]
-            self.start_token_hold = StartTokenHold(self.unet, start)
+            self.start_token_hold = StartTokenHold(self.unet, self.teacher.unet, start)
         if regs.projection.enabled:
             # By default: retained and neighbouring concepts, and those forgotten before (kept forgotten).
             protected = [self.embeds[g] for g in self.protected_groups if g in self.embeds]
@@ -485,7 +485,7 @@ class DistillForgetModule(L.LightningModule):
         if self.projection is not None:
             self.projection.project_update(self.unet, self.teacher.unet)
         if self.start_token_hold is not None:
-            self.start_token_hold.hold(self.unet, self.teacher.unet)
+            self.start_token_hold.hold()
 
     def training_step(self, batch, batch_idx):
         losses = self.losses()

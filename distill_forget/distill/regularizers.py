@@ -132,33 +132,36 @@ class StartTokenHold:
     key W_k s, or of what it hands the image W_o W_v s, or of `to_out`'s bias, is a change to
     every prompt. After each optimizer step: W_k, W_v <- R + (W - R) (I - s s^T / s^T s);
     W_o <- R_o + (W_o - R_o) (I - v v^T / v^T v) with v = R_v s; the bias <- R's. (R: the
-    reference, the frozen teacher.) Weights that are not trained are left as they are.
+    reference, the frozen teacher, so the directions are computed once per request.) Weights
+    that are not trained are left as they are.
     """
 
-    def __init__(self, unet: torch.nn.Module, start_state: torch.Tensor):
-        self.layers = [
-            name for name, module in unet.named_modules()
-            if name.endswith("attn2") and any(p.requires_grad for p in module.parameters())
-        ]  # fmt: skip
-        self.start = start_state.detach().double().flatten()
-
-    @staticmethod
-    def _hold_along(weight: torch.nn.Parameter, reference: torch.Tensor, direction: torch.Tensor) -> None:
-        if weight.requires_grad:
-            r = reference.to(weight.device).double()
-            d = (weight.double() - r).flatten(1)
-            u = direction.to(weight.device) / direction.norm()
-            weight.copy_((r.flatten(1) + d - torch.outer(d @ u, u)).view_as(weight).to(weight.dtype))
-
-    @torch.no_grad()
-    def hold(self, unet: torch.nn.Module, reference: torch.nn.Module) -> None:
-        modules, ref_modules = dict(unet.named_modules()), dict(reference.named_modules())
-        for name in self.layers:
-            layer, ref = modules[name], ref_modules[name]
-            self._hold_along(layer.to_k.weight, ref.to_k.weight, self.start)
-            self._hold_along(layer.to_v.weight, ref.to_v.weight, self.start)
-            value = ref.to_v.weight.double() @ self.start.to(ref.to_v.weight.device)  # = the held W_v s
-            self._hold_along(layer.to_out[0].weight, ref.to_out[0].weight, value)
+    def __init__(self, unet: torch.nn.Module, reference: torch.nn.Module, start_state: torch.Tensor):
+        self.held = []  # (trained weight, its reference, the unit direction its change is held off)
+        self.biases = []  # (trained bias, its reference)
+        references = dict(reference.named_modules())
+        for name, layer in unet.named_modules():
+            if not name.endswith("attn2"):
+                continue
+            ref = references[name]
+            start = start_state.detach().to(ref.to_v.weight.device, torch.float64)
+            value = ref.to_v.weight.double() @ start  # = the held W_v s
+            for weight, ref_weight, direction in (
+                (layer.to_k.weight, ref.to_k.weight, start),
+                (layer.to_v.weight, ref.to_v.weight, start),
+                (layer.to_out[0].weight, ref.to_out[0].weight, value),
+            ):
+                if weight.requires_grad:
+                    self.held.append((weight, ref_weight, direction / direction.norm()))
             bias = layer.to_out[0].bias
             if bias is not None and bias.requires_grad:
-                bias.copy_(ref.to_out[0].bias.to(bias.device))
+                self.biases.append((bias, ref.to_out[0].bias))
+
+    @torch.no_grad()
+    def hold(self) -> None:
+        for weight, reference, unit in self.held:
+            r = reference.double()
+            change = weight.double() - r
+            weight.copy_((r + change - torch.outer(change @ unit, unit)).to(weight.dtype))
+        for bias, reference in self.biases:
+            bias.copy_(reference)
