@@ -1,7 +1,8 @@
 """Weights & Biases for a sequence of requests: one W&B run for the whole loop.
 
 Per optimizer step (through Lightning's `WandbLogger`, passed to every request's Trainer):
-every objective's `loss/<name>`, `loss/total` and the learning rate (`lr-AdamW`). Per request
+every objective's `loss/<name>`, `loss/total`, the gradient norm before the clip (`grad_norm`) and the
+learning rate (`lr-AdamW`, or `lr-SGD` with `step.optimizer=sgd`). Per request
 (`WandbReport.request_done`, called by the loop on rank 0): the metrics as curves over requests
 (`request/<metric>`, x-axis `request`; `request/quality_vs_base`: the quality figure's rise over the
 base model's on the same pairs, in %, as in report.md) and as a table (`metrics_table`), the step folder's

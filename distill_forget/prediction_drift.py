@@ -14,13 +14,16 @@ weighs), and for the guided one the mean itself per channel. A change common to 
 and every prompt, with the same sign at every t, is one the sampler adds up over its steps into
 a colour cast of every image, although the plain mean squared difference counts it little.
 
+It also prints the size of the step's weight change (norm, relative to the teacher's weights, mean
+absolute element, over the parameters it changed).
+
 With `--concept` (the step's concept) it also prints where in the text the step changed the
-cross-attention's value path, what each token hands the image once attended: for every token
-e of a prompt, over all `attn2` layers, |(W_o' W_v' - W_o W_v) e| / |W_o W_v e| (student ',
-teacher plain; W_v `to_v`, W_o `to_out`'s linear map: a change of one of them that the other
-undoes is no change here), averaged over the start token, the other words, the concept's own
-word pieces, the end token and the padding after it, for the retained prompts and for the
-concept's prompts. An edit local to the concept changes its prompts far more than the rest.
+cross-attention's value path, what each token hands the image once attended: for every token e of
+a prompt, over all `attn2` layers, |(W_o' W_v' - W_o W_v) e| / |W_o W_v e| (student ', teacher
+plain; W_v `to_v`, W_o `to_out`'s linear map: a change of one of them that the other undoes is no
+change here), averaged over the start token, the other words, the concept's own word pieces, the
+end token and the padding after it, for the retained prompts and for the concept's prompts. An
+edit local to the concept changes its prompts far more than the rest.
 """
 
 import argparse
@@ -101,6 +104,19 @@ def value_path_change(teacher, student, prompts: list[str], concept: str) -> dic
     return {name: float(ratio[mask].mean()) if mask.any() else None for name, mask in groups.items()}
 
 
+@torch.no_grad()
+def weight_change(teacher: torch.nn.Module, student: torch.nn.Module) -> dict[str, float]:
+    """Over the parameters the step changed: the change's norm, that norm over the teacher's
+    weights' there, its mean absolute element, and how many elements and tensors that covers."""
+    changed = [(a, b) for a, b in zip(teacher.parameters(), student.parameters(), strict=True) if not torch.equal(a, b)]
+    if not changed:
+        return {"norm": 0.0, "relative": 0.0, "mean_abs": 0.0, "elements": 0, "tensors": 0}
+    delta = torch.cat([(b - a).flatten() for a, b in changed])
+    before = torch.cat([a.flatten() for a, _ in changed])
+    return {"norm": float(delta.norm()), "relative": float(delta.norm() / before.norm()),
+            "mean_abs": float(delta.abs().mean()), "elements": delta.numel(), "tensors": len(changed)}  # fmt: skip
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, required=True, help="the step's teacher pipeline folder")
@@ -122,11 +138,14 @@ def main(argv=None) -> None:
         means = " ".join(f"{v:+.4f}" for v in row["guided"]["channel_means"])
         print(f"{row['t']:>4}  " + "  ".join(f"{c:>18}" for c in cells) + f"  {means}")
 
+    teacher, student = load_pipeline(args.teacher), load_pipeline(args.student)
+    change = weight_change(teacher.unet, student.unet)
+    print(f"\nweight change: norm {change['norm']:.3f} ({100 * change['relative']:.1f} % of the teacher's there), "
+          f"mean |element| {change['mean_abs']:.2e}, over {change['elements']} elements in {change['tensors']} tensors")
     if args.concept:
         own = [concepts.eval_prompt(o, s) for o, s in grid_pairs() if args.concept in (o, s)]
         if not own:
             raise SystemExit(f"{args.concept!r} is no MiniCanvas concept")
-        teacher, student = load_pipeline(args.teacher), load_pipeline(args.student)
         print("\nvalue path W_o W_v, relative change per token (-: no such token)")
         print(f"{'prompts':>18}  " + "  ".join(f"{group:>7}" for group in TOKEN_GROUPS))
         for label, group in ((f"{len(prompts)} retained", prompts), (f"{len(own)} of {args.concept!r}", own)):

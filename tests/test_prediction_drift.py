@@ -1,11 +1,13 @@
 """Prediction drift: a change common to every position reads as a spatial-mean share of 1."""
 
+import copy
+
 import pytest
 import torch
 
 from distill_forget.distill.networks import prompt_encoder
 from distill_forget.pipelines import load_pipeline
-from distill_forget.prediction_drift import prediction_drift, spatial_mean_share, value_path_change
+from distill_forget.prediction_drift import prediction_drift, spatial_mean_share, value_path_change, weight_change
 
 PROMPTS = ["a ring in neon style", "a square in dots style", "a star in sketch style"]
 
@@ -61,3 +63,15 @@ def test_the_value_path_change_is_read_per_token_group(tiny_pipeline_dir, tmp_pa
     assert changed["start"] == pytest.approx(0.5, rel=1e-4)
     assert all(0 < changed[group] < 0.5 for group in ("words", "concept", "end", "padding"))
     assert value_path_change(teacher, student, PROMPTS[1:], "neon")["concept"] is None
+
+
+def test_the_weight_change_is_read_over_the_changed_parameters_only():
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    student = copy.deepcopy(teacher)
+    assert weight_change(teacher, student)["tensors"] == 0
+    with torch.no_grad():
+        student[1].weight.add_(torch.tensor([[0.3, 0.0, 0.0], [0.0, -0.4, 0.0]]))
+    change = weight_change(teacher, student)
+    assert change["tensors"] == 1 and change["elements"] == 6
+    assert change["norm"] == pytest.approx(0.5) and change["mean_abs"] == pytest.approx(0.7 / 6)
+    assert change["relative"] == pytest.approx(0.5 / float(teacher[1].weight.norm()))

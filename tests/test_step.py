@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.config import load_config
 from distill_forget.distill.global_batch import GlobalBatch
-from distill_forget.distill.module import TRAINABLE, CheckpointError, settings_changes
+from distill_forget.distill.module import TRAINABLE, CheckpointError, make_optimizer, settings_changes
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
     ForgetMapping,
@@ -722,6 +722,35 @@ def test_student_gets_gradients_only_in_the_selected_group(tiny_pipeline_dir, mo
         assert (param.grad is not None) == (name in selected), name
     assert any(p.grad.abs().sum() > 0 for n, p in module.unet.named_parameters() if n in selected)
     assert all(p.grad is None for p in module.teacher.unet.parameters())
+
+
+def test_sgd_leaves_a_text_direction_no_prompt_holds_as_it_was_and_adamw_does_not():
+    """A key projection trained on token states of rank 3 in 8 dimensions: momentum SGD changes it only
+    in their span (its step is a sum of the gradients, each an outer product with the states), AdamW's
+    per-element scaling and weight decay change it everywhere."""
+    torch.manual_seed(0)
+    states = torch.randn(3, 8) @ torch.randn(8, 8)  # rows: the training prompts' token states
+    free = torch.linalg.svd(torch.cat([states, torch.zeros(5, 8)])).Vh[-1]  # orthogonal to every one of them
+    wanted = torch.randn(3, 4)
+    change = {}
+    for name in ("sgd", "adamw"):
+        to_k = torch.nn.Linear(8, 4, bias=False)
+        start = to_k.weight.detach().clone()
+        optimizer = make_optimizer(load_config("step", [f"optimizer={name}", "lr=1e-2"]), to_k.parameters())
+        for _ in range(20):
+            optimizer.zero_grad()
+            (to_k(states) - wanted).pow(2).mean().backward()
+            optimizer.step()
+        delta = to_k.weight.detach() - start
+        assert float(((states @ delta.T).norm())) > 1e-2  # both learn on the prompts' states
+        change[name] = float((delta @ free).norm() / (start @ free).norm())
+    assert change["sgd"] < 1e-5 and change["adamw"] > 1e-2, change
+    assert isinstance(make_optimizer(load_config("step", ["optimizer=sgd"]), [torch.zeros(1)]), torch.optim.SGD)
+
+
+def test_an_unknown_optimizer_is_named_before_training(tiny_pipeline_dir):
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['adamw', 'sgd'\] \(got 'adam'\)"):
+        build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg("optimizer=adam"))
 
 
 def test_teacher_never_changes_and_stays_out_of_the_checkpoint(tiny_pipeline_dir):

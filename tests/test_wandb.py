@@ -31,7 +31,7 @@ def test_the_loop_logs_one_offline_wandb_run_per_sequence(tiny_pipeline_dir, tmp
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
     first = runs[0]
     logged = (first / f"run-{run_id}.wandb").read_bytes()
-    for key in (b"loss/forget", b"loss/retain", b"loss/total", b"lr-AdamW", b"request/ua", b"request/ira",
+    for key in (b"loss/forget", b"loss/retain", b"loss/total", b"grad_norm", b"lr-AdamW", b"request/ua", b"request/ira",
                 b"request/quality_vs_base", b"metrics_table", f"ledger-{run_id}".encode()):  # fmt: skip
         assert key in logged, key
     grids = sorted((first / "files" / "media" / "images").glob("grid_*.png"))

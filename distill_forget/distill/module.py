@@ -83,6 +83,24 @@ def forget_objective(cfg, noise_scheduler, draw, scale: str):
     raise ValueError(f"forget_objective must be one of {FORGET_OBJECTIVES} (got {cfg.forget_objective!r})")
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+    """The step's optimizer, `optimizer`, with its own settings (`adamw`, `sgd`); with no parameters, only
+    the name is checked (so a bad name fails before the replay bank is sampled)."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)} (got {cfg.optimizer!r})")
+    if params is None:
+        return None
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd.momentum, nesterov=cfg.sgd.nesterov)
+    adamw = cfg.adamw
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(adamw.betas), weight_decay=adamw.weight_decay, eps=adamw.eps
+    )
+
+
 def select_trainable(unet: torch.nn.Module, mode: str) -> list[str]:
     """Leave only the parameter group `mode` trainable; returns the names of its parameters."""
     if mode not in TRAINABLE:
@@ -184,6 +202,7 @@ class DistillForgetModule(L.LightningModule):
         super().__init__()
         self.unet = student_unet
         self.trainable_names = select_trainable(self.unet, cfg.trainable)
+        make_optimizer(cfg, None)  # its name checked now, not after the replay bank is sampled
         self.student = Denoiser(self.unet)
         self.teacher = teacher
         self.teacher.unet.requires_grad_(False).eval()
@@ -476,6 +495,9 @@ class DistillForgetModule(L.LightningModule):
             self.selective.mask_gradients(self.unet)
         if self.projection is not None:
             self.projection.project_gradients(self.unet)
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        if grads:  # before the clip (grad_clip): how much it cuts, and with sgd how long the steps are
+            self.log("grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # After the optimizer step: what may not change is put back exactly (AdamW's per-element
@@ -520,10 +542,7 @@ class DistillForgetModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        adamw = self.cfg.adamw
-        optimizer = torch.optim.AdamW(
-            params, lr=self.cfg.lr, betas=tuple(adamw.betas), weight_decay=adamw.weight_decay, eps=adamw.eps
-        )
+        optimizer = make_optimizer(self.cfg, params)
         warmup = max(1, self.cfg.warmup)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
