@@ -1,7 +1,7 @@
 """How much the quality figure moves by chance, and how it settles as the sample grows.
 
     python -m distill_forget.quality_noise RUN/steps/03-stripes [RUN/steps/08-heart ...]
-                                          [--base FOLDER] [--seeds 12] [--judge SPEC]
+                                          [--base FOLDER] [--seeds 12] [--judge SPEC] [--base-cache FILE]
 
 The loop's quality figure is the Frechet distance, in the judge's feature space, between the
 images of the retained (object, style) pairs under the evaluation seeds and as many real
@@ -14,6 +14,11 @@ them, each group against its own real renders. The spread of the rise within a s
 figure's noise at that size; where the rise settles as the size grows is the model's. A step's
 forgotten concepts (whose pairs are left out) come from its `metrics.json`. Sampling settings
 are `configs/evaluate.yaml`'s.
+
+The base model's images are most of the work when one or two steps are read. `--base-cache
+FILE` keeps them in FILE: a later call with the same base weights (their content hash), prompts,
+seeds and sampler settings reads them from there instead of drawing them again; where any of
+those differs it draws them again and replaces the file (written whole under a temporary name).
 """
 
 import argparse
@@ -32,8 +37,10 @@ from distill_forget.evaluate import (
     retained_pairs,
     retained_rows,
 )
+from distill_forget.ledger import weights_hash
 from distill_forget.metrics import quality_rise
 from distill_forget.pipelines import load_pipeline
+from distill_forget.storage import torch_load, torch_save
 
 
 def study_seeds(evaluation_seeds, count: int) -> list[int]:
@@ -86,12 +93,31 @@ def forgotten_of(step: Path) -> list[str]:
     return list(json.loads(path.read_text())["forgotten"])
 
 
+def base_images(base: Path, items: list[dict], cfg, cache: Path | None) -> torch.Tensor:
+    """The base model's images of `items`, from `cache` where it was drawn the same way, else drawn (and kept there)."""
+    drawn_with = {"weights": weights_hash(base), "items": items, "sampling_steps": cfg.sampling_steps,
+                  "guidance_scale": cfg.guidance_scale}  # fmt: skip
+    if cache is not None and cache.is_file():
+        kept = torch_load(cache, "base images file")
+        if isinstance(kept, dict) and kept.get("drawn_with") == drawn_with:
+            print(f"the base model's {len(items)} images read from {cache}", flush=True)
+            return kept["images"]
+        print(f"{cache} holds images of other weights, prompts, seeds or sampler settings: drawing them again")
+    print(f"generating the base model's {len(items)} images ...", flush=True)
+    images = generate(load_pipeline(base), items, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+    if cache is not None:
+        torch_save({"drawn_with": drawn_with, "images": images}, cache)
+    return images
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("steps", type=Path, nargs="+", help="step folders of a run (RUN/steps/NN-concept)")
     parser.add_argument("--base", type=Path, default=MINICANVAS_DIR / "pipeline", help="default: the shipped model")
     parser.add_argument("--seeds", type=int, default=12, help="seeds in all, a multiple of the evaluation's")
     parser.add_argument("--judge", default=None, help="default: the shipped MiniCanvas judge")
+    parser.add_argument("--base-cache", type=Path, default=None,
+                        help="a file keeping the base model's images between calls (drawn again where they differ)")
     args = parser.parse_args(argv)
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
@@ -102,8 +128,7 @@ def main(argv=None) -> None:
     forgotten = {step: forgotten_of(step) for step in args.steps}
     judge = load_judge(args.judge).eval()
     items = grid_prompts(seeds)
-    print(f"generating the base model's {len(items)} images ({len(seeds)} seeds) ...", flush=True)
-    base = generate(load_pipeline(args.base), items, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+    base = base_images(args.base, items, cfg, args.base_cache)
     for step, concepts in forgotten.items():
         keep = retained_rows(items, concepts)
         prompts = [items[i] for i in keep]

@@ -2,11 +2,12 @@
 itself rises by nothing, and other seeds move the figure."""
 
 import pytest
+import torch
 
 from distill_forget.config import load_config
 from distill_forget.evaluate import evaluate_pipeline, generate, grid_prompts, load_judge, retained_rows
 from distill_forget.pipelines import load_pipeline
-from distill_forget.quality_noise import forgotten_of, group_sizes, rise_by_sample_size, study_seeds
+from distill_forget.quality_noise import base_images, forgotten_of, group_sizes, rise_by_sample_size, study_seeds
 from distill_forget.world import concepts
 
 
@@ -51,3 +52,19 @@ def test_first_group_is_the_loops_figure_and_a_model_against_itself_rises_by_not
     rows = rise_by_sample_size(moved, images, prompts, forgotten, seeds, 1, judge, cfg)
     assert rows[0]["rise"] == pytest.approx(0.0, abs=1e-6)
     assert rows[1]["rise"] > 5 and rows[2]["rise"] > 5
+
+
+def test_the_base_images_are_kept_and_drawn_again_only_where_they_would_differ(tiny_pipeline_dir, tmp_path, capsys):
+    cfg = load_config("evaluate", ["sampling_steps=2", "batch=2"])
+    items = grid_prompts([0])[:2]
+    cache = tmp_path / "base.pt"
+    drawn = base_images(tiny_pipeline_dir, items, cfg, cache)
+    assert "generating" in capsys.readouterr().out and cache.is_file()
+    assert torch.equal(base_images(tiny_pipeline_dir, items, cfg, cache), drawn)
+    assert "read from" in capsys.readouterr().out
+    other_seed = [{**item, "seed": 1} for item in items]
+    assert not torch.equal(base_images(tiny_pipeline_dir, other_seed, cfg, cache), drawn)
+    assert "drawing them again" in capsys.readouterr().out
+    fewer_steps = load_config("evaluate", ["sampling_steps=1", "batch=2"])
+    base_images(tiny_pipeline_dir, other_seed, fewer_steps, cache)
+    assert "drawing them again" in capsys.readouterr().out
