@@ -18,7 +18,8 @@ are `configs/evaluate.yaml`'s.
 The base model's images are most of the work when one or two steps are read. `--base-cache
 FILE` keeps them in FILE: a later call with the same base weights (their content hash), prompts,
 seeds and sampler settings reads them from there instead of drawing them again; where any of
-those differs it draws them again and replaces the file (written whole under a temporary name).
+those differs, or the file is unreadable, it draws them again and replaces the file (written whole
+under a temporary name).
 """
 
 import argparse
@@ -98,11 +99,16 @@ def base_images(base: Path, items: list[dict], cfg, cache: Path | None) -> torch
     drawn_with = {"weights": weights_hash(base), "items": items, "sampling_steps": cfg.sampling_steps,
                   "guidance_scale": cfg.guidance_scale}  # fmt: skip
     if cache is not None and cache.is_file():
-        kept = torch_load(cache, "base images file")
+        try:
+            kept = torch_load(cache, "base images file")
+        except ValueError as error:
+            kept = None
+            print(f"{error}: drawing them again")
         if isinstance(kept, dict) and kept.get("drawn_with") == drawn_with:
             print(f"the base model's {len(items)} images read from {cache}", flush=True)
             return kept["images"]
-        print(f"{cache} holds images of other weights, prompts, seeds or sampler settings: drawing them again")
+        if kept is not None:
+            print(f"{cache} holds images of other weights, prompts, seeds or sampler settings: drawing them again")
     print(f"generating the base model's {len(items)} images ...", flush=True)
     images = generate(load_pipeline(base), items, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
     if cache is not None:

@@ -68,3 +68,6 @@ def test_the_base_images_are_kept_and_drawn_again_only_where_they_would_differ(t
     fewer_steps = load_config("evaluate", ["sampling_steps=1", "batch=2"])
     base_images(tiny_pipeline_dir, other_seed, fewer_steps, cache)
     assert "drawing them again" in capsys.readouterr().out
+    cache.write_bytes(b"not a torch file")  # a damaged file is drawn again, not an error
+    assert torch.equal(base_images(tiny_pipeline_dir, items, cfg, cache), drawn)
+    assert "unreadable" in capsys.readouterr().out

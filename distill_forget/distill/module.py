@@ -86,7 +86,7 @@ def forget_objective(cfg, noise_scheduler, draw, scale: str):
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg, params) -> torch.optim.Optimizer | None:
     """The step's optimizer, `optimizer`, with its own settings (`adamw`, `sgd`); with no parameters, only
     the name is checked (so a bad name fails before the replay bank is sampled)."""
     if cfg.optimizer not in OPTIMIZERS:
