@@ -50,11 +50,16 @@ def spatial_mean_share(difference: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def prediction_drift(teacher_dir, student_dir, prompts: list[str], timesteps, sampling_steps=20, guidance=6.0, seed=0):
+def prediction_drift(
+    teacher_dir, student_dir, prompts: list[str], timesteps, sampling_steps=20, guidance=6.0, seed=0,
+    sampling_guidance: float | None = None,
+):  # fmt: skip
     """One row per timestep: the student - teacher difference of the conditional, empty-prompt and
     guided predictions on `prompts` (mean square, share that is the spatial mean), and the guided
-    difference's spatial mean per latent channel."""
-    probe = StepProbe(teacher_dir, student_dir, sampling_steps, guidance)
+    difference's spatial mean per latent channel; at latents the teacher samples with
+    `sampling_guidance` (None: `guidance`, as the evaluation samples)."""
+    sampling_guidance = guidance if sampling_guidance is None else sampling_guidance
+    probe = StepProbe(teacher_dir, student_dir, sampling_steps, sampling_guidance)
     condition, empty = probe.encode(prompts), probe.encode([""] * len(prompts))
     z0 = probe.sample(condition, seed)
     rows = []
@@ -124,13 +129,22 @@ def main(argv=None) -> None:
     parser.add_argument("--forgotten", nargs="*", default=[], help="concepts whose pairs are left out")
     parser.add_argument("--timesteps", nargs="+", type=int, default=[50, 200, 400, 600, 800, 950])
     parser.add_argument("--concept", help="the step's concept: also where in the text its value path changed")
+    parser.add_argument("--template", default=concepts.EVAL_TEMPLATE,
+                        help="the retained prompts' sentence (default the evaluation's; the training replays "
+                             f"paraphrase it: {'; '.join(concepts.PARAPHRASE_TEMPLATES)})")
+    parser.add_argument("--sampling-guidance", type=float, default=None,
+                        help="guidance of the teacher trajectories read (default the evaluation's; 1: unguided, "
+                             "as the replay bank's)")  # fmt: skip
     args = parser.parse_args(argv)
+    if "{object}" not in args.template or "{style}" not in args.template:
+        raise SystemExit(f"--template {args.template!r}: it must hold {{object}} and {{style}}")
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
-    prompts = [concepts.eval_prompt(o, s) for o, s in retained_pairs(args.forgotten, 1)]
+    prompts = [args.template.format(object=o, style=s) for o, s in retained_pairs(args.forgotten, 1)]
     if not prompts:
         raise SystemExit("no retained (object, style) pair is left: every pair names a --forgotten concept")
-    rows = prediction_drift(args.teacher, args.student, prompts, args.timesteps, cfg.sampling_steps, cfg.guidance_scale)
+    rows = prediction_drift(args.teacher, args.student, prompts, args.timesteps, cfg.sampling_steps, cfg.guidance_scale,
+                            sampling_guidance=args.sampling_guidance)  # fmt: skip
     print(f"{len(prompts)} retained prompts; student - teacher: mean square (share that is the spatial mean)")
     print(f"{'t':>4}  {'conditional':>18}  {'empty prompt':>18}  {'guided':>18}  guided spatial mean per channel")
     for row in rows:
@@ -143,7 +157,7 @@ def main(argv=None) -> None:
     print(f"\nweight change: norm {change['norm']:.3f} ({100 * change['relative']:.1f} % of the teacher's there), "
           f"mean |element| {change['mean_abs']:.2e}, over {change['elements']} elements in {change['tensors']} tensors")
     if args.concept:
-        own = [concepts.eval_prompt(o, s) for o, s in grid_pairs() if args.concept in (o, s)]
+        own = [args.template.format(object=o, style=s) for o, s in grid_pairs() if args.concept in (o, s)]
         if not own:
             raise SystemExit(f"{args.concept!r} is no MiniCanvas concept")
         print("\nvalue path W_o W_v, relative change per token (-: no such token)")

@@ -194,6 +194,22 @@ def test_neighbours_of_earlier_requests_stay_replayed():
     assert groups.retain_touched == [False, True]  # `monet` was chosen as a neighbour by an earlier request
 
 
+def test_extra_templates_add_retain_sentences_but_never_the_evaluations():
+    request = Request("star", "object", neighbors=["plus sign"])
+    plain, _ = plan_prompts(request, [], fast_cfg(), distances=None, encoder=None)
+    extra = "a {style} style {object}"
+    groups, _ = plan_prompts(request, [], fast_cfg(f"retain.extra_templates=['{extra}']"), distances=None, encoder=None)
+    added = [p for p in groups.retain if p not in plain.retain]
+    assert added and all(re.fullmatch(r"a .+ style .+", p) for p in added)
+    assert len(groups.retain_touched) == len(groups.retain) and set(plain.retain) < set(groups.retain)
+    assert not any(p in groups.forget for p in added)  # the retain replay's only
+    for template, message in ((concepts.EVAL_TEMPLATE, "the evaluation's sentence"),
+                              ("a  {object} in {style}   style", "the evaluation's sentence"),
+                              ("a {object} drawing", "must hold")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            plan_prompts(request, [], fast_cfg(f"retain.extra_templates=['{template}']"), distances=None, encoder=None)
+
+
 def test_targets_of_earlier_requests_stay_replayed_when_asked():
     request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", targets=["ring"])
     _, default = plan_prompts(request, [earlier], fast_cfg(), distances=None, encoder=None)

@@ -112,12 +112,28 @@ def replayable_concepts(fraction: float, seed: int) -> set[str]:
     return chosen
 
 
-def retain_prompts(replayed: list[str]) -> list[str]:
+def check_extra_templates(templates) -> list[str]:
+    """`retain.extra_templates`, checked: each holds {object} and {style} and is not the evaluation's
+    sentence (retention is measured on a sentence no replay trains on)."""
+    templates = list(templates)
+    for template in templates:
+        if "{object}" not in template or "{style}" not in template:
+            raise ValueError(f"retain.extra_templates: {template!r} must hold {{object}} and {{style}}")
+        if " ".join(template.split()) == concepts.EVAL_TEMPLATE:
+            raise ValueError(
+                f"retain.extra_templates: {template!r} is the evaluation's sentence (no replay trains on it)"
+            )
+    return templates
+
+
+def retain_prompts(replayed: list[str], extra_templates=()) -> list[str]:
     """Prompts for the replayed concepts, mentioning no other concept: replayed objects x
-    replayed styles in each paraphrase template, and each alone in its kind's templates."""
+    replayed styles in each paraphrase template (and in `extra_templates`), and each alone in its
+    kind's templates."""
     objects = [c for c in replayed if concepts.kind_of(c) == "object"]
     styles = [c for c in replayed if concepts.kind_of(c) == "style"]
-    prompts = [t.format(object=o, style=s) for t in concepts.PARAPHRASE_TEMPLATES for o in objects for s in styles]
+    templates = [*concepts.PARAPHRASE_TEMPLATES, *check_extra_templates(extra_templates)]
+    prompts = [t.format(object=o, style=s) for t in templates for o in objects for s in styles]
     prompts += [t.format(object=o) for t in concepts.OBJECT_TEMPLATES for o in objects]
     prompts += [t.format(style=s) for t in concepts.STYLE_TEMPLATES for s in styles]
     return prompts

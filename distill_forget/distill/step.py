@@ -114,8 +114,9 @@ def plan_prompts(
             return [c for c in retain_replayed if concepts.kind_of(c) == other_kind(kind)]
 
         forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
-        retain = retain_prompts(retain_replayed)
-        fresh = set(retain_prompts([c for c in retain_replayed if c not in touched]))  # name untouched concepts only
+        extra = cfg.retain.extra_templates
+        retain = retain_prompts(retain_replayed, extra)
+        fresh = set(retain_prompts([c for c in retain_replayed if c not in touched], extra))  # untouched concepts only
         retain_touched = [p not in fresh for p in retain]
         # (concept, prompt): each named concept in its world contexts
         def rows_of(names: list[str]) -> list[tuple[str, str]]:
