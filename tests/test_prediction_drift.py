@@ -7,6 +7,7 @@ import torch
 
 from distill_forget.distill.networks import prompt_encoder
 from distill_forget.pipelines import load_pipeline
+from distill_forget.prediction_drift import main as prediction_drift_main
 from distill_forget.prediction_drift import prediction_drift, spatial_mean_share, value_path_change, weight_change
 
 PROMPTS = ["a ring in neon style", "a square in dots style", "a star in sketch style"]
@@ -75,3 +76,8 @@ def test_the_weight_change_is_read_over_the_changed_parameters_only():
     assert change["tensors"] == 1 and change["elements"] == 6
     assert change["norm"] == pytest.approx(0.5) and change["mean_abs"] == pytest.approx(0.7 / 6)
     assert change["relative"] == pytest.approx(0.5 / float(teacher[1].weight.norm()))
+
+
+def test_a_template_without_both_slots_is_refused_before_any_model_is_read(tmp_path):
+    with pytest.raises(SystemExit, match=r"--template 'a \{object\}': it must hold \{object\} and \{style\}"):
+        prediction_drift_main(["--teacher", str(tmp_path), "--student", str(tmp_path), "--template", "a {object}"])
