@@ -3,16 +3,19 @@ that change is the same at every position.
 
     python -m distill_forget.prediction_drift --teacher FOLDER --student FOLDER [--forgotten a b ...]
                                               [--timesteps 50 200 400 600 800 950] [--concept NAME]
+                                              [--template "a picture of a {object} in {style} style"]
+                                              [--sampling-guidance 1]
 
-For the evaluation sentence of every retained MiniCanvas (object, style) pair (none naming a
-`--forgotten` concept), at latents the teacher samples for it (guided, as the evaluation
-samples), noised to each timestep t, this prints the mean squared difference student - teacher
-of three predictions: the conditional one `c`, the empty prompt's `u`, and the guided one
-`u + w (c - u)` the evaluation's sampler follows (w its guidance scale); for each, the share of
-that difference which is each latent channel's spatial mean (what `step.replay.mean_weight`
-weighs), and for the guided one the mean itself per channel. A change common to every position
-and every prompt, with the same sign at every t, is one the sampler adds up over its steps into
-a colour cast of every image, although the plain mean squared difference counts it little.
+For the evaluation sentence (or `--template`'s) of every retained MiniCanvas (object, style) pair
+(none naming a `--forgotten` concept), at latents the teacher samples for it (guided, as the
+evaluation samples, or at `--sampling-guidance`), noised to each timestep t, this prints the mean
+squared difference student - teacher of three predictions: the conditional one `c`, the empty
+prompt's `u`, and the guided one `u + w (c - u)` the evaluation's sampler follows (w its guidance
+scale); for each, the share of that difference which is each latent channel's spatial mean (what
+`step.replay.mean_weight` weighs), and for the guided one the mean itself per channel. A change
+common to every position and every prompt, with the same sign at every t, is one the sampler adds
+up over its steps into a colour cast of every image, although the plain mean squared difference
+counts it little.
 
 It also prints the size of the step's weight change (norm, relative to the teacher's weights, mean
 absolute element, over the parameters it changed).
