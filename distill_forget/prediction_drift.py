@@ -38,7 +38,6 @@ from distill_forget.config import load_config
 from distill_forget.distill.networks import prompt_encoder, token_ids
 from distill_forget.distill.objectives import per_sample, per_sample_spatial_mean
 from distill_forget.evaluate import retained_pairs
-from distill_forget.pipelines import load_pipeline
 from distill_forget.step_probe import StepProbe
 from distill_forget.world import concepts
 from distill_forget.world.render import grid_pairs
@@ -53,16 +52,11 @@ def spatial_mean_share(difference: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def prediction_drift(
-    teacher_dir, student_dir, prompts: list[str], timesteps, sampling_steps=20, guidance=6.0, seed=0,
-    sampling_guidance: float | None = None,
-):  # fmt: skip
+def prediction_drift(probe: StepProbe, prompts: list[str], timesteps, guidance=6.0, seed=0):
     """One row per timestep: the student - teacher difference of the conditional, empty-prompt and
-    guided predictions on `prompts` (mean square, share that is the spatial mean), and the guided
-    difference's spatial mean per latent channel; at latents the teacher samples with
-    `sampling_guidance` (None: `guidance`, as the evaluation samples)."""
-    sampling_guidance = guidance if sampling_guidance is None else sampling_guidance
-    probe = StepProbe(teacher_dir, student_dir, sampling_steps, sampling_guidance)
+    guided (at `guidance`) predictions on `prompts` (mean square, share that is the spatial mean),
+    and the guided difference's spatial mean per latent channel, at latents the probe's teacher
+    samples."""
     condition, empty = probe.encode(prompts), probe.encode([""] * len(prompts))
     z0 = probe.sample(condition, seed)
     rows = []
@@ -139,15 +133,16 @@ def main(argv=None) -> None:
                         help="guidance of the teacher trajectories read (default the evaluation's; 1: unguided, "
                              "as the replay bank's)")  # fmt: skip
     args = parser.parse_args(argv)
-    if "{object}" not in args.template or "{style}" not in args.template:
+    if not concepts.is_pair_template(args.template):
         raise SystemExit(f"--template {args.template!r}: it must hold {{object}} and {{style}}")
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
     prompts = [args.template.format(object=o, style=s) for o, s in retained_pairs(args.forgotten, 1)]
     if not prompts:
         raise SystemExit("no retained (object, style) pair is left: every pair names a --forgotten concept")
-    rows = prediction_drift(args.teacher, args.student, prompts, args.timesteps, cfg.sampling_steps, cfg.guidance_scale,
-                            sampling_guidance=args.sampling_guidance)  # fmt: skip
+    sampling_guidance = cfg.guidance_scale if args.sampling_guidance is None else args.sampling_guidance
+    probe = StepProbe(args.teacher, args.student, cfg.sampling_steps, sampling_guidance)
+    rows = prediction_drift(probe, prompts, args.timesteps, cfg.guidance_scale)
     print(f"{len(prompts)} retained prompts; student - teacher: mean square (share that is the spatial mean)")
     print(f"{'t':>4}  {'conditional':>18}  {'empty prompt':>18}  {'guided':>18}  guided spatial mean per channel")
     for row in rows:
@@ -155,7 +150,7 @@ def main(argv=None) -> None:
         means = " ".join(f"{v:+.4f}" for v in row["guided"]["channel_means"])
         print(f"{row['t']:>4}  " + "  ".join(f"{c:>18}" for c in cells) + f"  {means}")
 
-    teacher, student = load_pipeline(args.teacher), load_pipeline(args.student)
+    teacher, student = probe.teacher_pipe, probe.student_pipe
     change = weight_change(teacher.unet, student.unet)
     print(f"\nweight change: norm {change['norm']:.3f} ({100 * change['relative']:.1f} % of the teacher's there), "
           f"mean |element| {change['mean_abs']:.2e}, over {change['elements']} elements in {change['tensors']} tensors")

@@ -15,6 +15,7 @@ SAMPLING_BATCH = 64  # prompts per teacher call while sampling
 class StepProbe:
     def __init__(self, teacher_dir, student_dir, sampling_steps: int, guidance: float):
         teacher_pipe, student_pipe = load_pipeline(teacher_dir), load_pipeline(student_dir)
+        self.teacher_pipe, self.student_pipe = teacher_pipe, student_pipe  # for what else reads their weights
         self.encode = prompt_encoder(teacher_pipe)
         self.teacher, self.student = Denoiser(teacher_pipe.unet), Denoiser(student_pipe.unet)
         self.sampler = TeacherSampler(

@@ -9,6 +9,7 @@ from distill_forget.distill.networks import prompt_encoder
 from distill_forget.pipelines import load_pipeline
 from distill_forget.prediction_drift import main as prediction_drift_main
 from distill_forget.prediction_drift import prediction_drift, spatial_mean_share, value_path_change, weight_change
+from distill_forget.step_probe import StepProbe
 
 PROMPTS = ["a ring in neon style", "a square in dots style", "a star in sketch style"]
 
@@ -25,16 +26,16 @@ def test_a_bias_on_the_output_is_all_spatial_mean_and_a_cross_attention_change_i
                 weight.add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
     pipe.save_pretrained(tmp_path / "values")
 
-    same = prediction_drift(tiny_pipeline_dir, tiny_pipeline_dir, PROMPTS, [100, 900], sampling_steps=2)
+    same = prediction_drift(StepProbe(tiny_pipeline_dir, tiny_pipeline_dir, 2, 6.0), PROMPTS, [100, 900])
     assert all(row[k]["mse"] == 0.0 for row in same for k in ("conditional", "empty", "guided"))
 
-    for row in prediction_drift(tiny_pipeline_dir, tmp_path / "bias", PROMPTS, [100, 900], sampling_steps=2):
+    for row in prediction_drift(StepProbe(tiny_pipeline_dir, tmp_path / "bias", 2, 6.0), PROMPTS, [100, 900]):
         for kind in ("conditional", "empty", "guided"):  # u + w (c - u) keeps the bias as it is
             assert row[kind]["mse"] == pytest.approx(0.01, rel=1e-3)
             assert row[kind]["mean_share"] == pytest.approx(1.0, abs=1e-4)
         assert row["guided"]["channel_means"] == pytest.approx([0.1] * 4, rel=1e-3)
 
-    for row in prediction_drift(tiny_pipeline_dir, tmp_path / "values", PROMPTS, [100, 900], sampling_steps=2):
+    for row in prediction_drift(StepProbe(tiny_pipeline_dir, tmp_path / "values", 2, 6.0), PROMPTS, [100, 900]):
         assert row["conditional"]["mse"] > 0 and row["conditional"]["mean_share"] < 0.9
 
 

@@ -117,7 +117,7 @@ def check_extra_templates(templates) -> list[str]:
     sentence (retention is measured on a sentence no replay trains on)."""
     templates = list(templates)
     for template in templates:
-        if "{object}" not in template or "{style}" not in template:
+        if not concepts.is_pair_template(template):
             raise ValueError(f"retain.extra_templates: {template!r} must hold {{object}} and {{style}}")
         if " ".join(template.split()) == concepts.EVAL_TEMPLATE:
             raise ValueError(

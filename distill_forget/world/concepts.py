@@ -76,6 +76,11 @@ def neighbors_of(concept: str) -> list[str]:
     return []
 
 
+def is_pair_template(template: str) -> bool:
+    """A sentence an (object, style) pair can fill: it holds both {object} and {style}."""
+    return "{object}" in template and "{style}" in template
+
+
 def eval_prompt(obj: str, style: str) -> str:
     return EVAL_TEMPLATE.format(object=obj, style=style)
 
