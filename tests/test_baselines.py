@@ -11,7 +11,7 @@ from distill_forget.distill.global_batch import GlobalBatch
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.objectives import ESD, ConceptAblation, StartingPointPenalty
 from distill_forget.distill.prompts import PromptGroups
-from distill_forget.distill.regularizers import ProtectedProjection, top_k_mask
+from distill_forget.distill.regularizers import KeyValueAnchor, ProtectedProjection, top_k_mask
 from distill_forget.distill.step import build_module, make_trainer, plan_together, step_indices
 from distill_forget.merging import merge_states, trim
 from distill_forget.pipelines import load_pipeline
@@ -177,6 +177,61 @@ def test_projection_refuses_an_unknown_group(tiny_pipeline_dir):
     cfg = load_config("step", [*FAST, "trainable=cross_attention_kv", "regularizers.projection.enabled=true",
                                "regularizers.projection.protect=[retained]"])  # fmt: skip
     with pytest.raises(ValueError, match=r"projection.protect must list groups among"):
+        build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])
+
+
+def test_the_key_value_anchor_is_the_relative_change_of_the_protected_keys_and_value_paths():
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.block = nn.Module()
+    net.block.attn2 = attn = nn.Module()
+    attn.to_q = nn.Linear(5, 4, bias=False)
+    attn.to_k, attn.to_v = nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False)
+    attn.to_out = nn.ModuleList([nn.Linear(4, 5)])
+    reference = copy.deepcopy(net)
+    protected = torch.randn(3, 2, 8)  # 6 token states in 8 dimensions
+    anchor = KeyValueAnchor(net, reference, protected)
+    assert float(anchor()) == 0.0
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    states, ref = protected.reshape(6, 8), reference.block.attn2
+
+    def relative_change(before, after):
+        return float(((after - before) ** 2).sum() / (before**2).sum())
+
+    def value_path(a):  # what each token hands the image once attended
+        return a.to_out[0](a.to_v(states))
+
+    expected = [relative_change(ref.to_k(states), attn.to_k(states))]
+    expected.append(relative_change(value_path(ref), value_path(attn)))
+    assert float(anchor()) == pytest.approx(sum(expected) / 2, rel=1e-4)
+    anchor().backward()
+    assert attn.to_q.weight.grad is None  # reads image features: not anchored
+    free = torch.linalg.svd(torch.cat([states, torch.randn(1, 8)])).Vh[-1]  # orthogonal to every protected state
+    assert float((attn.to_k.weight.grad @ free).abs().max()) < 1e-6  # a free direction costs nothing
+    assert float((attn.to_v.weight.grad @ free).abs().max()) < 1e-6
+    assert float(attn.to_out[0].bias.grad.abs().max()) > 0  # a shift of every prompt's output is counted
+
+
+def test_the_key_value_anchor_holds_the_protected_keys_and_values_closer(tiny_pipeline_dir):
+    common = [*FAST, "steps=3", "lr=1e-2", "warmup=1", "trainable=cross_attention_kv", "forget_objective=ablation"]
+    request = Request("circle", "object", neighbors=["ring"])
+    moved, logged = {}, {}
+    for weight in (0.0, 1.0e4):
+        cfg = load_config("step", [*common, f"regularizers.key_value_anchor.weight={weight}"])
+        module, _ = build_module(tiny_pipeline_dir, request, cfg, ["dots"])
+        before = copy.deepcopy(module.unet)
+        make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
+        protected = torch.cat([module.embeds[g].text for g in ("retain", "neighbor", "forgotten")])
+        moved[weight], logged[weight] = relative_change(before, module.unet, protected), module.last_losses
+    assert moved[1.0e4] < 0.5 * moved[0.0], moved
+    assert "key_value_anchor" in logged[1.0e4] and "key_value_anchor" not in logged[0.0]
+
+
+def test_the_key_value_anchor_needs_trained_keys_or_values(tiny_pipeline_dir):
+    cfg = load_config("step", [*FAST, "trainable=non_cross_attention", "regularizers.key_value_anchor.weight=1"])
+    with pytest.raises(ValueError, match=r"key_value_anchor holds keys and values, but trainable='non_cross_"):
         build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])
 
 

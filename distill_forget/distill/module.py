@@ -30,7 +30,13 @@ from distill_forget.distill.objectives import (
     run_rows,
 )
 from distill_forget.distill.prompts import PromptGroups
-from distill_forget.distill.regularizers import ProtectedProjection, SelectiveMask, StartTokenHold
+from distill_forget.distill.regularizers import (
+    KEY_VALUE,
+    KeyValueAnchor,
+    ProtectedProjection,
+    SelectiveMask,
+    StartTokenHold,
+)
 from distill_forget.distill.replay import TeacherSampler, make_replay
 from distill_forget.distributed import current_ranks
 from distill_forget.requests import flat_items
@@ -54,7 +60,7 @@ BASE_ROWS = {
     "untouched": ("retain_untouched", "neighbor_untouched", "unconditional"),
 }
 SPLIT_GROUPS = ("retain", "neighbor")  # the groups `untouched` splits by prompt
-PROTECTABLE_GROUPS = ("retain", "neighbor", "forgotten")  # prompt groups the gradient projection may protect
+PROTECTABLE_GROUPS = ("retain", "neighbor", "forgotten")  # prompt groups the projection and key-value anchor protect
 GUIDED_LOSSES = ("forget", "retain", "neighbor", "forgotten", "twin")  # those `loss_guidance` may compare guided
 # `loss_scale`: {name: (the forget mapping's scale, the retain / neighbour / forgotten replays' scale)}
 LOSS_SCALE_CHOICES = {
@@ -262,6 +268,7 @@ class DistillForgetModule(L.LightningModule):
                 self.touched[group] = torch.tensor(flags, dtype=torch.bool)
         self.selective: SelectiveMask | None = None
         self.projection: ProtectedProjection | None = None
+        self.key_value_anchor: KeyValueAnchor | None = None
         self.start_token_hold: StartTokenHold | None = None
         self.weights = {
             "forget": cfg.lambda_f,
@@ -275,6 +282,7 @@ class DistillForgetModule(L.LightningModule):
             "reg": cfg.lambda_reg,
             "l1sp": regs.l1sp.weight,
             "l2sp": regs.l2sp.weight,
+            "key_value_anchor": regs.key_value_anchor.weight,
         }
         guidance = cfg.loss_guidance
         self.guided_losses = set(guidance.losses) if guidance.scale != 1.0 else set()  # the losses compared guided
@@ -287,14 +295,17 @@ class DistillForgetModule(L.LightningModule):
                 f"loss_guidance.scale={guidance.scale} compares guided predictions, which needs loss_scale=mse and a "
                 "retain_teacher other than untouched"
             )
-        self.protected_groups = list(regs.projection.protect)  # the prompt groups the gradient projection holds
-        if regs.projection.enabled and (
-            not self.protected_groups or set(self.protected_groups) - set(PROTECTABLE_GROUPS)
-        ):
-            raise ValueError(
-                f"regularizers.projection.protect must list groups among {PROTECTABLE_GROUPS}"
-                f" (got {self.protected_groups})"
-            )
+        for name, used in (("projection", regs.projection.enabled), ("key_value_anchor", regs.key_value_anchor.weight)):
+            groups = list(regs[name].protect)
+            if used and (not groups or set(groups) - set(PROTECTABLE_GROUPS)):
+                raise ValueError(
+                    f"regularizers.{name}.protect must list groups among {PROTECTABLE_GROUPS} (got {groups})"
+                )
+            if used and not any(n.endswith(KEY_VALUE) for n in self.trainable_names):
+                raise ValueError(
+                    f"regularizers.{name} holds keys and values, but trainable={cfg.trainable!r}"
+                    " trains no attn2.to_k / to_v weight"
+                )
         self.embeds: dict[str, Condition] = {}
         self.twin_table: torch.Tensor | None = None  # (forget prompts, k): rows of embeds["twin"], -1: none
         self.sampler, self.replay, self.replay_seconds = None, None, 0.0
@@ -370,20 +381,25 @@ class DistillForgetModule(L.LightningModule):
             start = getattr(self.embeds["unconditional"], "text", self.embeds["unconditional"])[0, 0]
             self.start_token_hold = StartTokenHold(self.unet, self.teacher.unet, start)
         if regs.projection.enabled:
-            # By default: retained and neighbouring concepts, and those forgotten before (kept forgotten).
-            protected = [self.embeds[g] for g in self.protected_groups if g in self.embeds]
-            if not protected:
-                groups = " / ".join(self.protected_groups)
-                raise ValueError(f"regularizers.projection.enabled: the step has no {groups} prompts to protect")
-            states = torch.cat([getattr(e, "text", e) for e in protected])  # the states to_k / to_v read
+            states = self.protected_states("projection")
             self.projection = ProtectedProjection(self.unet, states, regs.projection.dedup_cosine)
-            if not self.projection.names:
-                raise ValueError(
-                    f"regularizers.projection.enabled, but trainable={self.cfg.trainable!r}"
-                    " trains no attn2.to_k / to_v weight"
-                )
             print(f"[step] gradient projection on {len(self.projection.names)} key/value weights, "
                   f"{self.projection.columns} protected token embeddings", flush=True)  # fmt: skip
+        if regs.key_value_anchor.weight:
+            states = self.protected_states("key_value_anchor")
+            self.key_value_anchor = KeyValueAnchor(self.unet, self.teacher.unet, states)
+            print(f"[step] key-value anchor on {len(self.key_value_anchor.terms)} keys and value paths, "
+                  f"{len(states) * states.shape[1]} protected token states", flush=True)  # fmt: skip
+
+    def protected_states(self, regularizer: str) -> torch.Tensor:
+        """The token states (what attn2.to_k / to_v read) of the prompt groups `regularizers.<regularizer>.protect`
+        names (by default: retained and neighbouring concepts, and those forgotten before), for a regulariser
+        that holds their keys and values."""
+        groups = list(self.cfg.regularizers[regularizer].protect)
+        protected = [self.embeds[g] for g in groups if g in self.embeds]
+        if not protected:
+            raise ValueError(f"regularizers.{regularizer}: the step has no {' / '.join(groups)} prompts to protect")
+        return torch.cat([getattr(e, "text", e) for e in protected])
 
     def forget_rows(self) -> tuple[torch.Tensor, Rows]:
         """The forget objective's rows for one micro-batch (z0 from its replay group, prompts row
@@ -481,6 +497,8 @@ class DistillForgetModule(L.LightningModule):
             if self.weights[name]:
                 reference = self.references[self.cfg.regularizers[name].reference]
                 losses[name] = self.objectives[name](self.unet, reference)
+        if self.key_value_anchor is not None:
+            losses["key_value_anchor"] = self.key_value_anchor()
         return losses
 
     @property

@@ -6,8 +6,11 @@
                          orthogonally to the protected text embeddings, so their keys and
                          values stay the same
 
-And a step setting of the same kind (not published):
+And, not published:
 
+    KeyValueAnchor       a loss: the keys, and the values handed to the image, that the
+                         protected prompts' token states give are held softly, in least
+                         squares (`regularizers.key_value_anchor`)
     StartTokenHold       the start token's key and value in every cross-attention layer stay
                          the teacher's (`step.hold_start_token`)
 
@@ -122,6 +125,67 @@ class ProtectedProjection:
         for name in self.names:
             p, r = params[name], ref[name].to(params[name].device).double()
             p.copy_((r + (p.double() - r) @ self.P.to(p.device)).to(p.dtype))
+
+
+def affine_matrix(linear: torch.nn.Linear) -> torch.Tensor:
+    """[W | b] (out, in + 1): the layer's map of [x; 1]."""
+    bias = linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+    return torch.cat([linear.weight, bias.unsqueeze(1)], 1)
+
+
+def anchored_map(attn: torch.nn.Module, kind: str) -> torch.Tensor:
+    """What a cross-attention layer makes of a token state [e; 1]: its key (`to_k`), or the value it
+    hands the image once attended (`to_out` after `to_v`, biases included)."""
+    if kind == "key":
+        return affine_matrix(attn.to_k)
+    value, out = affine_matrix(attn.to_v), affine_matrix(attn.to_out[0])
+    path = out[:, :-1] @ value
+    return torch.cat([path[:, :-1], path[:, -1:] + out[:, -1:]], 1)
+
+
+class KeyValueAnchor:
+    """`mean over the anchored maps M of ||(M - M_ref) C||^2 / ||M_ref C||^2` (a loss).
+
+    C holds the protected prompts' token states as columns (a 1 appended to each, for the biases);
+    the maps are, for every cross-attention layer, its key `W_k` and its value path `W_o W_v` (what
+    a token hands the image once attended; `to_out` acts on every prompt's attended values, so
+    holding `W_v` alone leaves it free). Each term is how far what the protected tokens give moved,
+    relative to its size. ProtectedProjection holds the keys and values exactly, and the protected
+    states span the whole text width (MiniCanvas: 682 states in 256 dimensions), which leaves no
+    room to forget in; here a direction the protected tokens use little costs little, as in the
+    preservation term of closed-form concept editing (UCE). `||D C||^2 / n = tr(D G D^T)` with
+    G = C C^T / n, computed once per request.
+    """
+
+    def __init__(self, unet: torch.nn.Module, reference: torch.nn.Module, text_states: torch.Tensor):
+        states = text_states.detach().reshape(-1, text_states.shape[-1]).double()
+        states = torch.cat([states, torch.ones_like(states[:, :1])], 1)
+        gram = states.T @ states / len(states)
+        references = dict(reference.named_modules())
+        # (the student's attn2, the reference's, "key" | "value", the size ||M_ref C||^2 / n). The reference's
+        # maps are recomputed at each call rather than kept: at SDXL scale they would hold ~1.5 GB.
+        self.terms = []
+        for name, attn in unet.named_modules():
+            if not name.endswith("attn2"):
+                continue
+            for kind, layers in (("key", (attn.to_k,)), ("value", (attn.to_v, attn.to_out[0]))):
+                if any(p.requires_grad for layer in layers for p in layer.parameters()):
+                    with torch.no_grad():
+                        ref = anchored_map(references[name], kind).double()
+                        size = float(((ref @ gram.to(ref.device)) * ref).sum())
+                    self.terms.append((attn, references[name], kind, size))
+        self.gram = gram.float()
+
+    def __call__(self) -> torch.Tensor:
+        total = 0.0
+        for attn, reference, kind, size in self.terms:
+            with torch.no_grad():
+                ref = anchored_map(reference, kind).float()
+            change = anchored_map(attn, kind).float() - ref.to(attn.to_k.weight.device)
+            if self.gram.device != change.device:
+                self.gram = self.gram.to(change.device)
+            total = total + ((change @ self.gram) * change).sum() / size
+        return total / len(self.terms)
 
 
 class StartTokenHold:
