@@ -4,7 +4,8 @@ that change is the same at every position.
     python -m distill_forget.prediction_drift --teacher FOLDER --student FOLDER [--forgotten a b ...]
                                               [--timesteps 50 200 400 600 800 950] [--concept NAME]
                                               [--template "a picture of a {object} in {style} style"]
-                                              [--sampling-guidance 1]
+                                              [--sampling-guidance 1] [--revert to_v to_out ...]
+                                              [--of CONCEPT]
 
 For the evaluation sentence (or `--template`'s) of every retained MiniCanvas (object, style) pair
 (none naming a `--forgotten` concept), at latents the teacher samples for it (guided, as the
@@ -16,6 +17,12 @@ scale); for each, the share of that difference which is each latent channel's sp
 common to every position and every prompt, with the same sign at every t, is one the sampler adds
 up over its steps into a colour cast of every image, although the plain mean squared difference
 counts it little.
+
+`--revert` reads the student with the change of the named cross-attention projections (`to_q`,
+`to_k`, `to_v`, `to_out`) put back to the teacher's: which of them carries the drift. `--of` reads
+the pairs naming one concept instead of the retained ones (the step's concept: how far its own
+prompts moved, which a revert should not take away if the part reverted is not where the
+forgetting is).
 
 It also prints the size of the step's weight change (norm, relative to the teacher's weights, mean
 absolute element, over the parameters it changed).
@@ -43,6 +50,7 @@ from distill_forget.world import concepts
 from distill_forget.world.render import grid_pairs
 
 TOKEN_GROUPS = ("start", "words", "concept", "end", "padding")
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")  # of every cross-attention layer (attn2)
 
 
 def spatial_mean_share(difference: torch.Tensor) -> float:
@@ -74,6 +82,20 @@ def prediction_drift(probe: StepProbe, prompts: list[str], timesteps, guidance=6
         row["guided"]["channel_means"] = guided.mean((0, 2, 3)).tolist()
         rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def revert(student: torch.nn.Module, teacher: torch.nn.Module, projections) -> int:
+    """Put the cross-attention `projections` of the student back to the teacher's; the tensors put back."""
+    unknown = set(projections) - set(PROJECTIONS)
+    if unknown:
+        raise ValueError(f"unknown projections {sorted(unknown)}; known: {list(PROJECTIONS)}")
+    reference, reverted = dict(teacher.named_parameters()), 0
+    for name, param in student.named_parameters():
+        if any(f".attn2.{projection}." in name for projection in projections):
+            param.copy_(reference[name])
+            reverted += 1
+    return reverted
 
 
 def value_paths(unet) -> list[torch.Tensor]:
@@ -131,19 +153,33 @@ def main(argv=None) -> None:
                              f"paraphrase it: {'; '.join(concepts.PARAPHRASE_TEMPLATES)})")
     parser.add_argument("--sampling-guidance", type=float, default=None,
                         help="guidance of the teacher trajectories read (default the evaluation's; 1: unguided, "
-                             "as the replay bank's)")  # fmt: skip
+                             "as the replay bank's)")
+    parser.add_argument("--revert", nargs="+", default=[], choices=PROJECTIONS,
+                        help="read the student with these attn2 projections' change put back to the teacher's")
+    parser.add_argument("--of", dest="of_concept",
+                        help="read the pairs naming this concept (the step's: its forgetting), not the retained")
     args = parser.parse_args(argv)
     if not concepts.is_pair_template(args.template):
         raise SystemExit(f"--template {args.template!r}: it must hold {{object}} and {{style}}")
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
-    prompts = [args.template.format(object=o, style=s) for o, s in retained_pairs(args.forgotten, 1)]
-    if not prompts:
-        raise SystemExit("no retained (object, style) pair is left: every pair names a --forgotten concept")
+    if args.of_concept:
+        pairs = [(o, s) for o, s in grid_pairs() if args.of_concept in (o, s)]
+        if not pairs:
+            raise SystemExit(f"--of {args.of_concept!r} is no MiniCanvas concept")
+    else:
+        pairs = retained_pairs(args.forgotten, 1)
+        if not pairs:
+            raise SystemExit("no retained (object, style) pair is left: every pair names a --forgotten concept")
+    prompts = [args.template.format(object=o, style=s) for o, s in pairs]
     sampling_guidance = cfg.guidance_scale if args.sampling_guidance is None else args.sampling_guidance
     probe = StepProbe(args.teacher, args.student, cfg.sampling_steps, sampling_guidance)
+    if args.revert:
+        reverted = revert(probe.student_pipe.unet, probe.teacher_pipe.unet, args.revert)
+        print(f"the student with {' / '.join(args.revert)} put back to the teacher's ({reverted} tensors)")
     rows = prediction_drift(probe, prompts, args.timesteps, cfg.guidance_scale)
-    print(f"{len(prompts)} retained prompts; student - teacher: mean square (share that is the spatial mean)")
+    which = f"of {args.of_concept!r}" if args.of_concept else "retained"
+    print(f"{len(prompts)} {which} prompts; student - teacher: mean square (share that is the spatial mean)")
     print(f"{'t':>4}  {'conditional':>18}  {'empty prompt':>18}  {'guided':>18}  guided spatial mean per channel")
     for row in rows:
         cells = [f"{row[k]['mse']:9.2e} ({row[k]['mean_share']:4.2f})" for k in ("conditional", "empty", "guided")]

@@ -8,7 +8,13 @@ import torch
 from distill_forget.distill.networks import prompt_encoder
 from distill_forget.pipelines import load_pipeline
 from distill_forget.prediction_drift import main as prediction_drift_main
-from distill_forget.prediction_drift import prediction_drift, spatial_mean_share, value_path_change, weight_change
+from distill_forget.prediction_drift import (
+    prediction_drift,
+    revert,
+    spatial_mean_share,
+    value_path_change,
+    weight_change,
+)
 from distill_forget.step_probe import StepProbe
 
 PROMPTS = ["a ring in neon style", "a square in dots style", "a star in sketch style"]
@@ -77,6 +83,26 @@ def test_the_weight_change_is_read_over_the_changed_parameters_only():
     assert change["tensors"] == 1 and change["elements"] == 6
     assert change["norm"] == pytest.approx(0.5) and change["mean_abs"] == pytest.approx(0.7 / 6)
     assert change["relative"] == pytest.approx(0.5 / float(teacher[1].weight.norm()))
+
+
+def test_a_reverted_projection_takes_its_change_and_only_its_change_out(tiny_pipeline_dir, tmp_path):
+    pipe = load_pipeline(tiny_pipeline_dir)
+    with torch.no_grad():
+        for name, weight in pipe.unet.named_parameters():
+            if ".attn2.to_v." in name or ".attn2.to_q." in name:
+                weight.add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    pipe.save_pretrained(tmp_path / "changed")
+    probe = StepProbe(tiny_pipeline_dir, tmp_path / "changed", 2, 6.0)
+    assert prediction_drift(probe, PROMPTS, [100])[0]["conditional"]["mse"] > 0
+    assert revert(probe.student_pipe.unet, probe.teacher_pipe.unet, ["to_v"]) > 0
+    still = dict(probe.student_pipe.unet.named_parameters())
+    for name, weight in probe.teacher_pipe.unet.named_parameters():
+        assert torch.equal(weight, still[name]) == (".attn2.to_q." not in name), name
+    assert prediction_drift(probe, PROMPTS, [100])[0]["conditional"]["mse"] > 0  # to_q's change is left
+    revert(probe.student_pipe.unet, probe.teacher_pipe.unet, ["to_q"])
+    assert prediction_drift(probe, PROMPTS, [100])[0]["conditional"]["mse"] == 0.0
+    with pytest.raises(ValueError, match=r"unknown projections \['to_x'\]"):
+        revert(probe.student_pipe.unet, probe.teacher_pipe.unet, ["to_x"])
 
 
 def test_a_template_without_both_slots_is_refused_before_any_model_is_read(tmp_path):
