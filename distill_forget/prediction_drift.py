@@ -44,6 +44,7 @@ import torch
 from distill_forget.config import load_config
 from distill_forget.distill.networks import prompt_encoder, token_ids
 from distill_forget.distill.objectives import per_sample, per_sample_spatial_mean
+from distill_forget.distill.regularizers import anchored_map
 from distill_forget.evaluate import retained_pairs
 from distill_forget.step_probe import StepProbe
 from distill_forget.world import concepts
@@ -98,9 +99,17 @@ def revert(student: torch.nn.Module, teacher: torch.nn.Module, projections) -> i
     return reverted
 
 
+def pairs_naming(concept: str, option: str) -> list[tuple[str, str]]:
+    """Every MiniCanvas (object, style) pair naming `concept`; an error naming `option` if none does."""
+    pairs = [(o, s) for o, s in grid_pairs() if concept in (o, s)]
+    if not pairs:
+        raise SystemExit(f"{option} {concept!r} is no MiniCanvas concept")
+    return pairs
+
+
 def value_paths(unet) -> list[torch.Tensor]:
-    """W_o W_v of every cross-attention layer: (image width, text width) each."""
-    return [m.to_out[0].weight @ m.to_v.weight for name, m in unet.named_modules() if name.endswith("attn2")]
+    """W_o W_v of every cross-attention layer, without the biases: (image width, text width) each."""
+    return [anchored_map(m, "value")[:, :-1] for name, m in unet.named_modules() if name.endswith("attn2")]
 
 
 @torch.no_grad()
@@ -163,10 +172,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"--template {args.template!r}: it must hold {{object}} and {{style}}")
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
+    own = []  # the --concept's own prompts, checked before any model is read
+    if args.concept:
+        own = [args.template.format(object=o, style=s) for o, s in pairs_naming(args.concept, "--concept")]
     if args.of_concept:
-        pairs = [(o, s) for o, s in grid_pairs() if args.of_concept in (o, s)]
-        if not pairs:
-            raise SystemExit(f"--of {args.of_concept!r} is no MiniCanvas concept")
+        pairs = pairs_naming(args.of_concept, "--of")
     else:
         pairs = retained_pairs(args.forgotten, 1)
         if not pairs:
@@ -191,9 +201,6 @@ def main(argv=None) -> None:
     print(f"\nweight change: norm {change['norm']:.3f} ({100 * change['relative']:.1f} % of the teacher's there), "
           f"mean |element| {change['mean_abs']:.2e}, over {change['elements']} elements in {change['tensors']} tensors")
     if args.concept:
-        own = [args.template.format(object=o, style=s) for o, s in grid_pairs() if args.concept in (o, s)]
-        if not own:
-            raise SystemExit(f"{args.concept!r} is no MiniCanvas concept")
         print("\nvalue path W_o W_v, relative change per token (-: no such token)")
         print(f"{'prompts':>18}  " + "  ".join(f"{group:>7}" for group in TOKEN_GROUPS))
         for label, group in ((f"{len(prompts)} retained", prompts), (f"{len(own)} of {args.concept!r}", own)):
