@@ -190,7 +190,7 @@ def test_the_key_value_anchor_is_the_relative_change_of_the_protected_keys_and_v
     attn.to_out = nn.ModuleList([nn.Linear(4, 5)])
     reference = copy.deepcopy(net)
     protected = torch.randn(3, 2, 8)  # 6 token states in 8 dimensions
-    anchor = KeyValueAnchor(net, reference, protected)
+    anchor = KeyValueAnchor(net, [(reference, protected)])
     assert float(anchor()) == 0.0
     with torch.no_grad():
         for p in net.parameters():
@@ -212,6 +212,35 @@ def test_the_key_value_anchor_is_the_relative_change_of_the_protected_keys_and_v
     assert float((attn.to_k.weight.grad @ free).abs().max()) < 1e-6  # a free direction costs nothing
     assert float((attn.to_v.weight.grad @ free).abs().max()) < 1e-6
     assert float(attn.to_out[0].bias.grad.abs().max()) > 0  # a shift of every prompt's output is counted
+
+
+def test_the_key_value_anchor_holds_each_part_at_its_own_reference():
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.attn2 = attn = nn.Module()
+    attn.to_k, attn.to_v = nn.Linear(8, 4), nn.Linear(8, 4)
+    attn.to_out = nn.ModuleList([nn.Linear(4, 5)])
+    first, student = copy.deepcopy(net), net
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    second = copy.deepcopy(student)
+    held, free = torch.randn(1, 4, 8), torch.randn(1, 3, 8)
+    # one reference for both parts is the one-part anchor over all their states
+    together = KeyValueAnchor(student, [(first, torch.cat([held, free], 1))])
+    assert float(KeyValueAnchor(student, [(first, held), (first, free)])()) == pytest.approx(float(together()))
+    # `free` is held at `second`, which the student still is: only `held`'s change counts, over both parts' sizes
+    split = KeyValueAnchor(student, [(first, held), (second, free)])
+
+    def maps(a, states):  # each token's key, and what it hands the image once attended
+        return a.attn2.to_k(states), a.attn2.to_out[0](a.attn2.to_v(states))
+
+    with torch.no_grad():
+        expected = [
+            float(((moved - ref) ** 2).sum() / ((ref**2).sum() + (other**2).sum()))
+            for moved, ref, other in zip(maps(student, held[0]), maps(first, held[0]), maps(second, free[0]))
+        ]
+    assert float(split()) == pytest.approx(sum(expected) / 2, rel=1e-4)
 
 
 def test_the_key_value_anchor_holds_the_protected_keys_and_values_closer(tiny_pipeline_dir):

@@ -23,6 +23,7 @@ from distill_forget.distill.objectives import (
     noised,
 )
 from distill_forget.distill.prompts import replace_concept
+from distill_forget.distill.regularizers import KeyValueAnchor
 from distill_forget.distill.replay import TeacherSampler
 from distill_forget.distill.step import (
     RECORD_FILE,
@@ -950,6 +951,33 @@ def test_the_base_model_answers_the_retain_rows_and_the_teacher_the_forgotten_on
     naive_cfg = fast_cfg("replay.retain_teacher=base", "lambda_r=0", "lambda_n=0")
     naive, _ = build_module(teacher_dir, Request("circle", "object"), naive_cfg, [], base_dir=tiny_pipeline_dir)
     assert naive.retain_teacher is naive.teacher and naive.references["base"] is naive.teacher.unet  # not even loaded
+
+
+def test_the_base_referenced_anchor_holds_the_retained_tokens_at_the_base_model(tiny_pipeline_dir, teacher_dir):
+    def anchor(*extra, student_from=None):
+        request = Request("circle", "object", neighbors=["ring"])
+        settings = ["trainable=cross_attention_kv", "regularizers.key_value_anchor.weight=1", *extra]
+        module, _ = build_module(teacher_dir, request, fast_cfg(*settings), ["dots"], base_dir=tiny_pipeline_dir)
+        if student_from is not None:
+            module.unet.load_state_dict(load_pipeline(student_from).unet.state_dict())
+        module.setup("fit")
+        module.on_fit_start()
+        return module, module.key_value_anchor().item()
+
+    module, teacher_held = anchor()
+    assert teacher_held == 0.0 and module.references["base"] is module.teacher.unet  # M_0 not even loaded
+    module, base_held = anchor("regularizers.key_value_anchor.reference=base")
+    assert base_held > 1e-4  # the student starts as the teacher, whose attn2 moved off M_0's
+    (base, retained), (teacher, forgotten) = module.anchor_parts()
+    assert base is module.references["base"] is not module.teacher.unet and teacher is module.teacher.unet
+    assert torch.equal(retained, torch.cat([module.embeds[g].text for g in ("retain", "neighbor")]))
+    assert torch.equal(forgotten, module.embeds["forgotten"].text)
+    # a student that is M_0: the retained tokens cost nothing, the forgotten ones (held at the teacher) do
+    module, at_base = anchor("regularizers.key_value_anchor.reference=base", student_from=tiny_pipeline_dir)
+    retained_only = KeyValueAnchor(module.unet, module.anchor_parts()[:1])
+    assert at_base > 1e-4 and retained_only().item() < 1e-9
+    with pytest.raises(ValueError, match=r"key_value_anchor.reference must be 'previous' or 'base'"):
+        anchor("regularizers.key_value_anchor.reference=original")
 
 
 def test_loss_guidance_compares_the_guided_predictions_of_every_loss(tiny_pipeline_dir, teacher_dir):

@@ -61,6 +61,7 @@ BASE_ROWS = {
 }
 SPLIT_GROUPS = ("retain", "neighbor")  # the groups `untouched` splits by prompt
 PROTECTABLE_GROUPS = ("retain", "neighbor", "forgotten")  # prompt groups the projection and key-value anchor protect
+BASE_HELD_GROUPS = ("retain", "neighbor")  # the key-value anchor's groups held at M_0 under `reference: base`
 GUIDED_LOSSES = ("forget", "retain", "neighbor", "forgotten", "twin")  # those `loss_guidance` may compare guided
 # `loss_scale`: {name: (the forget mapping's scale, the retain / neighbour / forgotten replays' scale)}
 LOSS_SCALE_CHOICES = {
@@ -237,7 +238,7 @@ class DistillForgetModule(L.LightningModule):
         regs = cfg.regularizers
         # Plain attributes, like the teacher: references are never trained nor checkpointed.
         self.references = {"previous": teacher.unet, "base": base_unet if base_unet is not None else teacher.unet}
-        for name in ("l1sp", "l2sp"):
+        for name in ("l1sp", "l2sp", "key_value_anchor"):
             if regs[name].reference not in self.references:
                 raise ValueError(
                     f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})"
@@ -386,20 +387,40 @@ class DistillForgetModule(L.LightningModule):
             print(f"[step] gradient projection on {len(self.projection.names)} key/value weights, "
                   f"{self.projection.columns} protected token embeddings", flush=True)  # fmt: skip
         if regs.key_value_anchor.weight:
-            states = self.protected_states("key_value_anchor")
-            self.key_value_anchor = KeyValueAnchor(self.unet, self.teacher.unet, states)
+            parts = self.anchor_parts()
+            self.key_value_anchor = KeyValueAnchor(self.unet, parts)
+            states = sum(s.shape[0] * s.shape[1] for _, s in parts)
             print(f"[step] key-value anchor on {len(self.key_value_anchor.terms)} keys and value paths, "
-                  f"{len(states) * states.shape[1]} protected token states", flush=True)  # fmt: skip
+                  f"{states} protected token states", flush=True)  # fmt: skip
+
+    def anchor_parts(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+        """The key-value anchor's (reference, token states) parts. With `reference: previous` the teacher holds
+        every protected group; with `base` the base model M_0 holds the retained and neighbouring concepts', so
+        the small drifts of successive steps do not add up, and the teacher still holds the concepts forgotten
+        before (M_0 draws them)."""
+        anchor = self.cfg.regularizers.key_value_anchor
+        states = self.protected_states("key_value_anchor")  # (a clear error where there is none to hold)
+        if anchor.reference == "previous" or self.references["base"] is self.teacher.unet:
+            return [(self.teacher.unet, states)]
+        present = [g for g in anchor.protect if g in self.embeds]
+        at_base = [g for g in present if g in BASE_HELD_GROUPS]
+        at_teacher = [g for g in present if g not in BASE_HELD_GROUPS]
+        held = ((self.references["base"], at_base), (self.teacher.unet, at_teacher))
+        return [(reference, torch.cat([self.text_states(g) for g in groups])) for reference, groups in held if groups]
 
     def protected_states(self, regularizer: str) -> torch.Tensor:
         """The token states (what attn2.to_k / to_v read) of the prompt groups `regularizers.<regularizer>.protect`
         names (by default: retained and neighbouring concepts, and those forgotten before), for a regulariser
         that holds their keys and values."""
         groups = list(self.cfg.regularizers[regularizer].protect)
-        protected = [self.embeds[g] for g in groups if g in self.embeds]
+        protected = [self.text_states(g) for g in groups if g in self.embeds]
         if not protected:
             raise ValueError(f"regularizers.{regularizer}: the step has no {' / '.join(groups)} prompts to protect")
-        return torch.cat([getattr(e, "text", e) for e in protected])
+        return torch.cat(protected)
+
+    def text_states(self, group: str) -> torch.Tensor:
+        """A prompt group's token states, what attn2.to_k / to_v read (SDXL's conditions carry more)."""
+        return getattr(self.embeds[group], "text", self.embeds[group])
 
     def forget_rows(self) -> tuple[torch.Tensor, Rows]:
         """The forget objective's rows for one micro-batch (z0 from its replay group, prompts row

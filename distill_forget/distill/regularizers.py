@@ -144,47 +144,59 @@ def anchored_map(attn: torch.nn.Module, kind: str) -> torch.Tensor:
 
 
 class KeyValueAnchor:
-    """`mean over the anchored maps M of ||(M - M_ref) C||^2 / ||M_ref C||^2` (a loss).
+    """`mean over the anchored maps M of sum_p ||(M - M_p) C_p||^2 / sum_p ||M_p C_p||^2` (a loss).
 
-    C holds the protected prompts' token states as columns (a 1 appended to each, for the biases);
-    the maps are, for every cross-attention layer, its key `W_k` and its value path `W_o W_v` (what
-    a token hands the image once attended; `to_out` acts on every prompt's attended values, so
-    holding `W_v` alone leaves it free). Each term is how far what the protected tokens give moved,
-    relative to its size. ProtectedProjection holds the keys and values exactly, and the protected
-    states span the whole text width (MiniCanvas: 682 states in 256 dimensions), which leaves no
-    room to forget in; here a direction the protected tokens use little costs little, as in the
-    preservation term of closed-form concept editing (UCE). `||D C||^2 / n = tr(D G D^T)` with
-    G = C C^T / n, computed once per request.
+    Each part p is a reference network and the protected prompts' token states C_p it holds, as
+    columns (a 1 appended to each, for the biases); the maps are, for every cross-attention layer,
+    its key `W_k` and its value path `W_o W_v` (what a token hands the image once attended; `to_out`
+    acts on every prompt's attended values, so holding `W_v` alone leaves it free). Each term is how
+    far what the protected tokens give moved from their reference's, relative to its size. With one
+    reference (the teacher) for every state this is `||(M - M_teacher) C||^2 / ||M_teacher C||^2`.
+    ProtectedProjection holds the keys and values exactly, and the protected states span the whole
+    text width (MiniCanvas: 682 states in 256 dimensions), which leaves no room to forget in; here a
+    direction the protected tokens use little costs little, as in the preservation term of
+    closed-form concept editing (UCE). `||D C_p||^2 / n = tr(D G_p D^T)` with G_p = C_p C_p^T / n, n
+    the states of all parts, computed once per request.
     """
 
-    def __init__(self, unet: torch.nn.Module, reference: torch.nn.Module, text_states: torch.Tensor):
-        states = text_states.detach().reshape(-1, text_states.shape[-1]).double()
-        states = torch.cat([states, torch.ones_like(states[:, :1])], 1)
-        gram = states.T @ states / len(states)
-        references = dict(reference.named_modules())
-        # (the student's attn2, "key" | "value", the reference's map, its size ||M_ref C||^2 / n). The reference
-        # is frozen, so its maps are computed once per request (at SDXL scale ~1.4 GB in float32).
+    def __init__(self, unet: torch.nn.Module, parts: list[tuple[torch.nn.Module, torch.Tensor]]):
+        augmented = []
+        for _, text_states in parts:
+            states = text_states.detach().reshape(-1, text_states.shape[-1]).double()
+            augmented.append(torch.cat([states, torch.ones_like(states[:, :1])], 1))
+        count = sum(len(states) for states in augmented)
+        grams = [states.T @ states / count for states in augmented]
+        references = [dict(reference.named_modules()) for reference, _ in parts]
+        # (the student's attn2, "key" | "value", [(a reference's map, its part's gram)], the summed size
+        # sum_p ||M_p C_p||^2 / n). The references are frozen, so their maps are computed once per request
+        # (at SDXL scale ~1.4 GB in float32 per reference).
         self.terms = []
         for name, attn in unet.named_modules():
             if not name.endswith("attn2"):
                 continue
             for kind, layers in (("key", (attn.to_k,)), ("value", (attn.to_v, attn.to_out[0]))):
                 if any(p.requires_grad for layer in layers for p in layer.parameters()):
+                    held, size = [], 0.0
                     with torch.no_grad():
-                        ref = anchored_map(references[name], kind).double()
-                        size = float(((ref @ gram.to(ref.device)) * ref).sum())
-                    self.terms.append((attn, kind, ref.float(), size))
-        self.gram = gram.float()
+                        for modules, gram in zip(references, grams):
+                            ref = anchored_map(modules[name], kind).double()
+                            size += float(((ref @ gram.to(ref.device)) * ref).sum())
+                            held.append((ref.float(), gram.float()))
+                    self.terms.append((attn, kind, held, size))
 
     def __call__(self) -> torch.Tensor:
         device = self.terms[0][0].to_k.weight.device
-        if self.gram.device != device:  # once, where the student was moved after this was built
-            self.gram = self.gram.to(device)
-            self.terms = [(attn, kind, ref.to(device), size) for attn, kind, ref, size in self.terms]
+        if self.terms[0][2][0][1].device != device:  # once, where the student was moved after this was built
+            self.terms = [
+                (attn, kind, [(ref.to(device), gram.to(device)) for ref, gram in held], size)
+                for attn, kind, held, size in self.terms
+            ]
         total = 0.0
-        for attn, kind, ref, size in self.terms:
-            change = anchored_map(attn, kind).float() - ref
-            total = total + ((change @ self.gram) * change).sum() / size
+        for attn, kind, held, size in self.terms:
+            moved = anchored_map(attn, kind).float()
+            for ref, gram in held:
+                change = moved - ref
+                total = total + ((change @ gram) * change).sum() / size
         return total / len(self.terms)
 
 

@@ -374,6 +374,8 @@ def build_module(
         cfg = plan_settings(cfg, plan, request)
     regs = cfg.regularizers
     wants_base = [regs.l1sp.reference, regs.l2sp.reference]
+    if regs.key_value_anchor.weight:
+        wants_base.append(regs.key_value_anchor.reference)
     if (cfg.lambda_r or cfg.lambda_n) and cfg.replay.retain_teacher != "previous":  # M_0 answers trained rows
         wants_base.append("base")
     base_unet = None
