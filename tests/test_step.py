@@ -206,9 +206,26 @@ def test_extra_templates_add_retain_sentences_but_never_the_evaluations():
     assert not any(p in groups.forget for p in added)  # the retain replay's only
     for template, message in ((concepts.EVAL_TEMPLATE, "the evaluation's sentence"),
                               ("a  {object} in {style}   style", "the evaluation's sentence"),
-                              ("a {object} drawing", "must hold")):  # fmt: skip
+                              ("a {object} drawing", "must hold"),
+                              ("a {object} drawn in {style} style", r"does not know \['drawn'\]")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             plan_prompts(request, [], fast_cfg(f"retain.extra_templates=['{template}']"), distances=None, encoder=None)
+
+
+def test_anchor_templates_write_the_retained_pairs_for_the_anchor_alone():
+    request = Request("star", "object", neighbors=["plus sign"])
+    plain, _ = plan_prompts(request, [], fast_cfg(), distances=None, encoder=None)
+    setting = "regularizers.key_value_anchor.templates"
+    groups, _ = plan_prompts(request, [], fast_cfg(f"{setting}=['{{style}} , {{object}}']"), distances=None,
+                             encoder=None)  # fmt: skip
+    assert plain.anchored == [] and groups.retain == plain.retain  # never replayed
+    pairs = [p for p in plain.retain if re.fullmatch(r"a picture of a .+ in .+ style", p)]  # the pairs, in one form
+    assert len(groups.anchored) == len(pairs) and all(re.fullmatch(r"[^,]+ , [^,]+", p) for p in groups.anchored)
+    with pytest.raises(ValueError, match=rf"{setting}: .* is the evaluation's sentence"):
+        plan_prompts(request, [], fast_cfg(f"{setting}=['{concepts.EVAL_TEMPLATE}']"), distances=None, encoder=None)
+    real = Request("star", "other", prompts=["a star"])
+    with pytest.raises(ValueError, match=r"templates writes MiniCanvas's retained .* world='real'"):
+        plan_prompts(real, [], fast_cfg("world=real", f"{setting}=['{{style}} , {{object}}']"), None, None)
 
 
 def test_targets_of_earlier_requests_stay_replayed_when_asked():
@@ -976,6 +993,12 @@ def test_the_base_referenced_anchor_holds_the_retained_tokens_at_the_base_model(
     module, at_base = anchor("regularizers.key_value_anchor.reference=base", student_from=tiny_pipeline_dir)
     retained_only = KeyValueAnchor(module.unet, module.anchor_parts()[:1])
     assert at_base > 1e-4 and retained_only().item() < 1e-9
+    # the retained pairs in more sentence forms are held with the retained prompts, at M_0
+    module, _ = anchor("regularizers.key_value_anchor.reference=base",
+                       "regularizers.key_value_anchor.templates=['{style} , {object}']")  # fmt: skip
+    (_, retained), _ = module.anchor_parts()
+    groups = ("retain", "neighbor", "anchored")
+    assert torch.equal(retained, torch.cat([module.embeds[g].text for g in groups]))
     with pytest.raises(ValueError, match=r"key_value_anchor.reference must be 'previous' or 'base'"):
         anchor("regularizers.key_value_anchor.reference=original")
 

@@ -61,7 +61,7 @@ BASE_ROWS = {
 }
 SPLIT_GROUPS = ("retain", "neighbor")  # the groups `untouched` splits by prompt
 PROTECTABLE_GROUPS = ("retain", "neighbor", "forgotten")  # prompt groups the projection and key-value anchor protect
-BASE_HELD_GROUPS = ("retain", "neighbor")  # the key-value anchor's groups held at M_0 under `reference: base`
+BASE_HELD_GROUPS = ("retain", "neighbor", "anchored")  # the key-value anchor's groups M_0 holds (`reference: base`)
 GUIDED_LOSSES = ("forget", "retain", "neighbor", "forgotten", "twin")  # those `loss_guidance` may compare guided
 # `loss_scale`: {name: (the forget mapping's scale, the retain / neighbour / forgotten replays' scale)}
 LOSS_SCALE_CHOICES = {
@@ -379,10 +379,10 @@ class DistillForgetModule(L.LightningModule):
             kept = sum(int(m.sum()) for m in self.selective.masks.values())
             print(f"[step] selective fine-tuning: {kept} of the trainable elements may change", flush=True)
         if self.cfg.hold_start_token:
-            start = getattr(self.embeds["unconditional"], "text", self.embeds["unconditional"])[0, 0]
+            start = self.text_states("unconditional")[0, 0]
             self.start_token_hold = StartTokenHold(self.unet, self.teacher.unet, start)
         if regs.projection.enabled:
-            states = self.protected_states("projection")
+            states = torch.cat([self.text_states(g) for g in self.protected_groups("projection")])
             self.projection = ProtectedProjection(self.unet, states, regs.projection.dedup_cosine)
             print(f"[step] gradient projection on {len(self.projection.names)} key/value weights, "
                   f"{self.projection.columns} protected token embeddings", flush=True)  # fmt: skip
@@ -397,26 +397,28 @@ class DistillForgetModule(L.LightningModule):
         """The key-value anchor's (reference, token states) parts. With `reference: previous` the teacher holds
         every protected group; with `base` the base model M_0 holds the retained and neighbouring concepts', so
         the small drifts of successive steps do not add up, and the teacher still holds the concepts forgotten
-        before (M_0 draws them)."""
+        before (M_0 draws them). The retained pairs in `templates` are held with the retained prompts."""
         anchor = self.cfg.regularizers.key_value_anchor
-        states = self.protected_states("key_value_anchor")  # (a clear error where there is none to hold)
-        if anchor.reference == "previous" or self.references["base"] is self.teacher.unet:
-            return [(self.teacher.unet, states)]
-        present = [g for g in anchor.protect if g in self.embeds]
-        at_base = [g for g in present if g in BASE_HELD_GROUPS]
-        at_teacher = [g for g in present if g not in BASE_HELD_GROUPS]
-        held = ((self.references["base"], at_base), (self.teacher.unet, at_teacher))
-        return [(reference, torch.cat([self.text_states(g) for g in groups])) for reference, groups in held if groups]
+        groups = self.protected_groups("key_value_anchor")
+        if "retain" in groups and "anchored" in self.embeds:
+            groups.append("anchored")
+        held = [(self.teacher.unet, groups)]
+        if anchor.reference == "base" and self.references["base"] is not self.teacher.unet:
+            held = [
+                (self.references["base"], [g for g in groups if g in BASE_HELD_GROUPS]),
+                (self.teacher.unet, [g for g in groups if g not in BASE_HELD_GROUPS]),
+            ]
+        return [(reference, torch.cat([self.text_states(g) for g in names])) for reference, names in held if names]
 
-    def protected_states(self, regularizer: str) -> torch.Tensor:
-        """The token states (what attn2.to_k / to_v read) of the prompt groups `regularizers.<regularizer>.protect`
-        names (by default: retained and neighbouring concepts, and those forgotten before), for a regulariser
-        that holds their keys and values."""
+    def protected_groups(self, regularizer: str) -> list[str]:
+        """The prompt groups `regularizers.<regularizer>.protect` names that the step has (by default: retained
+        and neighbouring concepts, and those forgotten before), for a regulariser that holds their keys and
+        values; a clear error where it has none."""
         groups = list(self.cfg.regularizers[regularizer].protect)
-        protected = [self.text_states(g) for g in groups if g in self.embeds]
-        if not protected:
+        present = [g for g in groups if g in self.embeds]
+        if not present:
             raise ValueError(f"regularizers.{regularizer}: the step has no {' / '.join(groups)} prompts to protect")
-        return torch.cat(protected)
+        return present
 
     def text_states(self, group: str) -> torch.Tensor:
         """A prompt group's token states, what attn2.to_k / to_v read (SDXL's conditions carry more)."""

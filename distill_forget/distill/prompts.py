@@ -34,6 +34,8 @@ class PromptGroups:
     # neighbour or target of an earlier request (`replay.retain_teacher=untouched`)
     retain_touched: list[bool] = field(default_factory=list)
     neighbor_touched: list[bool] = field(default_factory=list)
+    # the retained pairs in `regularizers.key_value_anchor.templates`: token states the anchor holds, never replayed
+    anchored: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:
         return {
@@ -43,6 +45,7 @@ class PromptGroups:
             "neighbor": self.neighbor,
             "forgotten": self.forgotten,
             "forgotten_mapped": self.forgotten_mapped,
+            "anchored": self.anchored,
         }
 
 
@@ -112,18 +115,28 @@ def replayable_concepts(fraction: float, seed: int) -> set[str]:
     return chosen
 
 
-def check_extra_templates(templates) -> list[str]:
-    """`retain.extra_templates`, checked: each holds {object} and {style} and is not the evaluation's
-    sentence (retention is measured on a sentence no replay trains on)."""
-    templates = list(templates)
+def check_pair_templates(templates, setting: str = "retain.extra_templates") -> list[str]:
+    """Sentence forms for the retained pairs, checked: each holds {object} and {style} and is not the
+    evaluation's sentence (retention is measured on a sentence no training prompt holds), and its
+    words are MiniCanvas's."""
+    templates, known = list(templates), concepts.vocabulary()
     for template in templates:
         if not concepts.is_pair_template(template):
-            raise ValueError(f"retain.extra_templates: {template!r} must hold {{object}} and {{style}}")
+            raise ValueError(f"{setting}: {template!r} must hold {{object}} and {{style}}")
         if " ".join(template.split()) == concepts.EVAL_TEMPLATE:
-            raise ValueError(
-                f"retain.extra_templates: {template!r} is the evaluation's sentence (no replay trains on it)"
-            )
+            raise ValueError(f"{setting}: {template!r} is the evaluation's sentence (no training prompt holds it)")
+        unknown = [w for w in template.replace("{object}", " ").replace("{style}", " ").split() if w not in known]
+        if unknown:
+            raise ValueError(f"{setting}: {template!r} holds words MiniCanvas's text encoder does not know {unknown} "
+                             f"(it reads them as one unknown token; known: {known})")
     return templates
+
+
+def pair_prompts(replayed: list[str], templates: list[str]) -> list[str]:
+    """The replayed objects x replayed styles written in each template."""
+    objects = [c for c in replayed if concepts.kind_of(c) == "object"]
+    styles = [c for c in replayed if concepts.kind_of(c) == "style"]
+    return [t.format(object=o, style=s) for t in templates for o in objects for s in styles]
 
 
 def retain_prompts(replayed: list[str], extra_templates=()) -> list[str]:
@@ -132,8 +145,7 @@ def retain_prompts(replayed: list[str], extra_templates=()) -> list[str]:
     kind's templates."""
     objects = [c for c in replayed if concepts.kind_of(c) == "object"]
     styles = [c for c in replayed if concepts.kind_of(c) == "style"]
-    templates = [*concepts.PARAPHRASE_TEMPLATES, *check_extra_templates(extra_templates)]
-    prompts = [t.format(object=o, style=s) for t in templates for o in objects for s in styles]
+    prompts = pair_prompts(replayed, [*concepts.PARAPHRASE_TEMPLATES, *check_pair_templates(extra_templates)])
     prompts += [t.format(object=o) for t in concepts.OBJECT_TEMPLATES for o in objects]
     prompts += [t.format(style=s) for t in concepts.STYLE_TEMPLATES for s in styles]
     return prompts

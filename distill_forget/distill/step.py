@@ -28,10 +28,12 @@ from distill_forget.distill.networks import Denoiser, PromptEncoder, prompt_enco
 from distill_forget.distill.prompts import (
     PromptGroups,
     bank_concepts,
+    check_pair_templates,
     concept_prompt,
     in_context,
     neighbor_pool,
     other_kind,
+    pair_prompts,
     replace_concept,
     replayable_concepts,
     retain_prompts,
@@ -118,6 +120,9 @@ def plan_prompts(
         retain = retain_prompts(retain_replayed, extra)
         fresh = set(retain_prompts([c for c in retain_replayed if c not in touched], extra))  # untouched concepts only
         retain_touched = [p not in fresh for p in retain]
+        anchor_templates = check_pair_templates(cfg.regularizers.key_value_anchor.templates,
+                                                "regularizers.key_value_anchor.templates")  # fmt: skip
+        anchored = pair_prompts(retain_replayed, anchor_templates)
         # (concept, prompt): each named concept in its world contexts
         def rows_of(names: list[str]) -> list[tuple[str, str]]:
             return [(n, p) for n in names for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
@@ -154,8 +159,13 @@ def plan_prompts(
 
         earlier_prompts = {f.concept: f.prompts or [f.concept] for f in forgotten}
         candidates = without_excluded(request.targets or [""], cfg.target.exclude, request)
-        retain_replayed = []
+        retain_replayed, anchored = [], []
         retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
+        if cfg.regularizers.key_value_anchor.templates:
+            raise ValueError(
+                "regularizers.key_value_anchor.templates writes MiniCanvas's retained (object, style) pairs in more "
+                f"sentences; world={cfg.world!r} has none (list the sentences in retain.prompts)"
+            )
 
     if cfg.forget_objective == "esd":  # negative guidance maps to no other prompt: no target to choose
         targets, target_record = [""] * len(forget), {"mode": "none (esd)", "counts": {}}
@@ -210,7 +220,8 @@ def plan_prompts(
         target_record["followers"] = dict.fromkeys(followers, target)
         forgotten_mapped = [replace_concept(p, c, target) if c in followers else p for c, p in forgotten_rows]
     groups = PromptGroups(
-        forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, retain_touched, neighbor_touched
+        forget, mapped, retain, neighbor, forgotten_prompts, twins, forgotten_mapped, retain_touched, neighbor_touched,
+        anchored,
     )
     record = {
         "targets": target_record,
@@ -247,7 +258,7 @@ def plan_together(requests: list[Request], cfg, distances: ScoreDistances, encod
     neighbors = dict(zip(pooled("neighbor"), pooled("neighbor_touched")))  # each prompt once
     groups = PromptGroups(pooled("forget"), pooled("mapped"), last_groups.retain, list(neighbors), [], pooled("twins"),
                           retain_touched=last_groups.retain_touched,
-                          neighbor_touched=list(neighbors.values()))  # fmt: skip
+                          neighbor_touched=list(neighbors.values()), anchored=last_groups.anchored)  # fmt: skip
     replayed = sorted({c for _, r in plans for c in r["replayed_concepts"]})
     record = {
         **record,
