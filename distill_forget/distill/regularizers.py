@@ -167,6 +167,7 @@ class KeyValueAnchor:
         count = sum(len(states) for states in augmented)
         grams = [states.T @ states / count for states in augmented]
         references = [dict(reference.named_modules()) for reference, _ in parts]
+        self.device = grams[0].device  # where the references' maps and the grams are kept
         # (the student's attn2, "key" | "value", [(a reference's map, its part's gram)], the summed size
         # sum_p ||M_p C_p||^2 / n). The references are frozen, so their maps are computed once per request
         # (at SDXL scale ~1.4 GB in float32 per reference).
@@ -186,11 +187,12 @@ class KeyValueAnchor:
 
     def __call__(self) -> torch.Tensor:
         device = self.terms[0][0].to_k.weight.device
-        if self.terms[0][2][0][1].device != device:  # once, where the student was moved after this was built
+        if self.device != device:  # once, where the student was moved after this was built
             self.terms = [
                 (attn, kind, [(ref.to(device), gram.to(device)) for ref, gram in held], size)
                 for attn, kind, held, size in self.terms
             ]
+            self.device = device
         total = 0.0
         for attn, kind, held, size in self.terms:
             moved = anchored_map(attn, kind).float()
