@@ -167,36 +167,30 @@ class KeyValueAnchor:
         count = sum(len(states) for states in augmented)
         grams = [states.T @ states / count for states in augmented]
         references = [dict(reference.named_modules()) for reference, _ in parts]
-        self.device = grams[0].device  # where the references' maps and the grams are kept
-        # (the student's attn2, "key" | "value", [(a reference's map, its part's gram)], the summed size
-        # sum_p ||M_p C_p||^2 / n). The references are frozen, so their maps are computed once per request
-        # (at SDXL scale ~1.4 GB in float32 per reference).
+        # (the student's attn2, "key" | "value", each part's reference map, the summed size sum_p ||M_p C_p||^2 / n).
+        # The references are frozen, so their maps are computed once per request (at SDXL scale ~1.4 GB in
+        # float32 per reference); the grams are kept once, for every term.
         self.terms = []
         for name, attn in unet.named_modules():
             if not name.endswith("attn2"):
                 continue
             for kind, layers in (("key", (attn.to_k,)), ("value", (attn.to_v, attn.to_out[0]))):
                 if any(p.requires_grad for layer in layers for p in layer.parameters()):
-                    held, size = [], 0.0
                     with torch.no_grad():
-                        for modules, gram in zip(references, grams):
-                            ref = anchored_map(modules[name], kind).double()
-                            size += float(((ref @ gram.to(ref.device)) * ref).sum())
-                            held.append((ref.float(), gram.float()))
-                    self.terms.append((attn, kind, held, size))
+                        refs = [anchored_map(modules[name], kind).double() for modules in references]
+                        size = sum(float(((ref @ gram.to(ref.device)) * ref).sum()) for ref, gram in zip(refs, grams))
+                    self.terms.append((attn, kind, [ref.float() for ref in refs], size))
+        self.grams = [gram.float() for gram in grams]
 
     def __call__(self) -> torch.Tensor:
         device = self.terms[0][0].to_k.weight.device
-        if self.device != device:  # once, where the student was moved after this was built
-            self.terms = [
-                (attn, kind, [(ref.to(device), gram.to(device)) for ref, gram in held], size)
-                for attn, kind, held, size in self.terms
-            ]
-            self.device = device
+        if self.grams[0].device != device:  # once, where the student was moved after this was built
+            self.grams = [gram.to(device) for gram in self.grams]
+            self.terms = [(attn, kind, [ref.to(device) for ref in refs], size) for attn, kind, refs, size in self.terms]
         total = 0.0
-        for attn, kind, held, size in self.terms:
+        for attn, kind, refs, size in self.terms:
             moved = anchored_map(attn, kind).float()
-            for ref, gram in held:
+            for ref, gram in zip(refs, self.grams):
                 change = moved - ref
                 total = total + ((change @ gram) * change).sum() / size
         return total / len(self.terms)
