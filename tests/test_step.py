@@ -999,6 +999,15 @@ def test_the_base_referenced_anchor_holds_the_retained_tokens_at_the_base_model(
     (_, retained), _ = module.anchor_parts()
     groups = ("retain", "neighbor", "anchored")
     assert torch.equal(retained, torch.cat([module.embeds[g].text for g in groups]))
+    # the neighbours held at the teacher's (held_at_base names the groups M_0 holds)
+    module, _ = anchor("regularizers.key_value_anchor.reference=base",
+                       "regularizers.key_value_anchor.held_at_base=[retain]")  # fmt: skip
+    (base, retained), (teacher, rest) = module.anchor_parts()
+    assert base is module.references["base"] and teacher is module.teacher.unet
+    assert torch.equal(retained, module.embeds["retain"].text)
+    assert torch.equal(rest, torch.cat([module.embeds[g].text for g in ("neighbor", "forgotten")]))
+    with pytest.raises(ValueError, match=r"held_at_base names \['forgotten'\]: M_0 can hold only"):
+        anchor("regularizers.key_value_anchor.reference=base", "regularizers.key_value_anchor.held_at_base=[forgotten]")
     with pytest.raises(ValueError, match=r"key_value_anchor.reference must be 'previous' or 'base'"):
         anchor("regularizers.key_value_anchor.reference=original")
 

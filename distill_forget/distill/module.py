@@ -61,7 +61,7 @@ BASE_ROWS = {
 }
 SPLIT_GROUPS = ("retain", "neighbor")  # the groups `untouched` splits by prompt
 PROTECTABLE_GROUPS = ("retain", "neighbor", "forgotten")  # prompt groups the projection and key-value anchor protect
-BASE_HELD_GROUPS = ("retain", "neighbor", "anchored")  # the key-value anchor's groups M_0 holds (`reference: base`)
+BASE_HOLDABLE_GROUPS = ("retain", "neighbor", "anchored")  # the key-value anchor's groups M_0 may hold (`held_at_base`)
 GUIDED_LOSSES = ("forget", "retain", "neighbor", "forgotten", "twin")  # those `loss_guidance` may compare guided
 # `loss_scale`: {name: (the forget mapping's scale, the retain / neighbour / forgotten replays' scale)}
 LOSS_SCALE_CHOICES = {
@@ -243,6 +243,12 @@ class DistillForgetModule(L.LightningModule):
                 raise ValueError(
                     f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})"
                 )
+        unknown = [g for g in regs.key_value_anchor.held_at_base if g not in BASE_HOLDABLE_GROUPS]
+        if unknown:
+            raise ValueError(
+                f"regularizers.key_value_anchor.held_at_base names {unknown}: M_0 can hold only "
+                f"{list(BASE_HOLDABLE_GROUPS)} (it draws the concepts forgotten since; the teacher holds those)"
+            )
         if cfg.replay.retain_teacher not in BASE_ROWS:
             got = cfg.replay.retain_teacher
             raise ValueError(f"replay.retain_teacher must be one of {sorted(BASE_ROWS)} (got {got!r})")
@@ -395,9 +401,10 @@ class DistillForgetModule(L.LightningModule):
 
     def anchor_parts(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
         """The key-value anchor's (reference, token states) parts. With `reference: previous` the teacher holds
-        every protected group; with `base` the base model M_0 holds the retained and neighbouring concepts', so
-        the small drifts of successive steps do not add up, and the teacher still holds the concepts forgotten
-        before (M_0 draws them). The retained pairs in `templates` are held with the retained prompts."""
+        every protected group; with `base` the base model M_0 holds the groups in `held_at_base` (by default the
+        retained and neighbouring concepts'), so the small drifts of successive steps do not add up, and the
+        teacher the others: always the concepts forgotten before (M_0 draws them). The retained pairs in
+        `templates` are held with the retained prompts."""
         anchor = self.cfg.regularizers.key_value_anchor
         groups = self.protected_groups("key_value_anchor")
         if "retain" in groups and "anchored" in self.embeds:
@@ -405,8 +412,8 @@ class DistillForgetModule(L.LightningModule):
         held = [(self.teacher.unet, groups)]
         if anchor.reference == "base" and self.references["base"] is not self.teacher.unet:
             held = [
-                (self.references["base"], [g for g in groups if g in BASE_HELD_GROUPS]),
-                (self.teacher.unet, [g for g in groups if g not in BASE_HELD_GROUPS]),
+                (self.references["base"], [g for g in groups if g in anchor.held_at_base]),
+                (self.teacher.unet, [g for g in groups if g not in anchor.held_at_base]),
             ]
         return [(reference, torch.cat([self.text_states(g) for g in names])) for reference, names in held if names]
 
