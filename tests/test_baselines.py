@@ -190,7 +190,7 @@ def test_the_key_value_anchor_is_the_relative_change_of_the_protected_keys_and_v
     attn.to_out = nn.ModuleList([nn.Linear(4, 5)])
     reference = copy.deepcopy(net)
     protected = torch.randn(3, 2, 8)  # 6 token states in 8 dimensions
-    anchor = KeyValueAnchor(net, [(reference, protected)])
+    anchor = KeyValueAnchor(net, [(reference, protected, 1.0)])
     assert float(anchor()) == 0.0
     with torch.no_grad():
         for p in net.parameters():
@@ -227,10 +227,14 @@ def test_the_key_value_anchor_holds_each_part_at_its_own_reference():
     second = copy.deepcopy(student)
     held, free = torch.randn(1, 4, 8), torch.randn(1, 3, 8)
     # one reference for both parts is the one-part anchor over all their states
-    together = KeyValueAnchor(student, [(first, torch.cat([held, free], 1))])
-    assert float(KeyValueAnchor(student, [(first, held), (first, free)])()) == pytest.approx(float(together()))
+    together = KeyValueAnchor(student, [(first, torch.cat([held, free], 1), 1.0)])
+    apart = KeyValueAnchor(student, [(first, held, 1.0), (first, free, 1.0)])
+    assert float(apart()) == pytest.approx(float(together()))
+    # a part counted twice is the part written twice
+    twice = KeyValueAnchor(student, [(first, torch.cat([held, held, free], 1), 1.0)])
+    assert float(KeyValueAnchor(student, [(first, held, 2.0), (first, free, 1.0)])()) == pytest.approx(float(twice()))
     # `free` is held at `second`, which the student still is: only `held`'s change counts, over both parts' sizes
-    split = KeyValueAnchor(student, [(first, held), (second, free)])
+    split = KeyValueAnchor(student, [(first, held, 1.0), (second, free, 1.0)])
 
     def maps(a, states):  # each token's key, and what it hands the image once attended
         return a.attn2.to_k(states), a.attn2.to_out[0](a.attn2.to_v(states))

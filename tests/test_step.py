@@ -985,10 +985,10 @@ def test_the_base_referenced_anchor_holds_the_retained_tokens_at_the_base_model(
     assert teacher_held == 0.0 and module.references["base"] is module.teacher.unet  # M_0 not even loaded
     module, base_held = anchor("regularizers.key_value_anchor.reference=base")
     assert base_held > 1e-4  # the student starts as the teacher, whose attn2 moved off M_0's
-    (base, retained), (teacher, forgotten) = module.anchor_parts()
+    (base, retained, _), (teacher, forgotten, weight) = module.anchor_parts()
     assert base is module.references["base"] is not module.teacher.unet and teacher is module.teacher.unet
     assert torch.equal(retained, torch.cat([module.embeds[g].text for g in ("retain", "neighbor")]))
-    assert torch.equal(forgotten, module.embeds["forgotten"].text)
+    assert torch.equal(forgotten, module.embeds["forgotten"].text) and weight == 1.0
     # a student that is M_0: the retained tokens cost nothing, the forgotten ones (held at the teacher) do
     module, at_base = anchor("regularizers.key_value_anchor.reference=base", student_from=tiny_pipeline_dir)
     retained_only = KeyValueAnchor(module.unet, module.anchor_parts()[:1])
@@ -996,16 +996,23 @@ def test_the_base_referenced_anchor_holds_the_retained_tokens_at_the_base_model(
     # the retained pairs in more sentence forms are held with the retained prompts, at M_0
     module, _ = anchor("regularizers.key_value_anchor.reference=base",
                        "regularizers.key_value_anchor.templates=['{style} , {object}']")  # fmt: skip
-    (_, retained), _ = module.anchor_parts()
+    (_, retained, _), _ = module.anchor_parts()
     groups = ("retain", "neighbor", "anchored")
     assert torch.equal(retained, torch.cat([module.embeds[g].text for g in groups]))
     # the neighbours held at the teacher's (held_at_base names the groups M_0 holds)
     module, _ = anchor("regularizers.key_value_anchor.reference=base",
                        "regularizers.key_value_anchor.held_at_base=[retain]")  # fmt: skip
-    (base, retained), (teacher, rest) = module.anchor_parts()
-    assert base is module.references["base"] and teacher is module.teacher.unet
+    (base, retained, _), (teacher, neighbors, _), (also_teacher, forgotten, weight) = module.anchor_parts()
+    assert base is module.references["base"] and teacher is also_teacher is module.teacher.unet
     assert torch.equal(retained, module.embeds["retain"].text)
-    assert torch.equal(rest, torch.cat([module.embeds[g].text for g in ("neighbor", "forgotten")]))
+    assert torch.equal(neighbors, module.embeds["neighbor"].text)
+    # the concepts forgotten before held harder against the others' pull, a part of their own
+    module, _ = anchor("regularizers.key_value_anchor.reference=base",
+                       "regularizers.key_value_anchor.forgotten_weight=3")  # fmt: skip
+    (_, _, _), (teacher, forgotten, weight) = module.anchor_parts()
+    assert teacher is module.teacher.unet and torch.equal(forgotten, module.embeds["forgotten"].text) and weight == 3.0
+    with pytest.raises(ValueError, match="forgotten_weight must be >= 0"):
+        anchor("regularizers.key_value_anchor.forgotten_weight=-1")
     with pytest.raises(ValueError, match=r"held_at_base names \['forgotten'\]: M_0 can hold only"):
         anchor("regularizers.key_value_anchor.reference=base", "regularizers.key_value_anchor.held_at_base=[forgotten]")
     with pytest.raises(ValueError, match=r"key_value_anchor.reference must be 'previous' or 'base'"):

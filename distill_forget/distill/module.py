@@ -243,6 +243,11 @@ class DistillForgetModule(L.LightningModule):
                 raise ValueError(
                     f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})"
                 )
+        if regs.key_value_anchor.forgotten_weight < 0:
+            raise ValueError(
+                f"regularizers.key_value_anchor.forgotten_weight must be >= 0 "
+                f"(got {regs.key_value_anchor.forgotten_weight})"
+            )
         unknown = [g for g in regs.key_value_anchor.held_at_base if g not in BASE_HOLDABLE_GROUPS]
         if unknown:
             raise ValueError(
@@ -395,27 +400,32 @@ class DistillForgetModule(L.LightningModule):
         if regs.key_value_anchor.weight:
             parts = self.anchor_parts()
             self.key_value_anchor = KeyValueAnchor(self.unet, parts)
-            states = sum(s.shape[0] * s.shape[1] for _, s in parts)
+            counts = ", ".join(
+                f"{s.shape[0] * s.shape[1]} at {'M_0' if ref is not self.teacher.unet else 'the teacher'}"
+                + (f" x {w:g}" if w != 1.0 else "")
+                for ref, s, w in parts
+            )
             print(f"[step] key-value anchor on {len(self.key_value_anchor.terms)} keys and value paths, "
-                  f"{states} protected token states", flush=True)  # fmt: skip
+                  f"protected token states: {counts}", flush=True)  # fmt: skip
 
-    def anchor_parts(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
-        """The key-value anchor's (reference, token states) parts. With `reference: previous` the teacher holds
-        every protected group; with `base` the base model M_0 holds the groups in `held_at_base` (by default the
-        retained and neighbouring concepts'), so the small drifts of successive steps do not add up, and the
-        teacher the others: always the concepts forgotten before (M_0 draws them). The retained pairs in
-        `templates` are held with the retained prompts."""
+    def anchor_parts(self) -> list[tuple[torch.nn.Module, torch.Tensor, float]]:
+        """The key-value anchor's (reference, token states, weight) parts. With `reference: previous` the teacher
+        holds every protected group; with `base` the base model M_0 holds the groups in `held_at_base` (by default
+        the retained and neighbouring concepts'), so the small drifts of successive steps do not add up, and the
+        teacher the others: always the concepts forgotten before (M_0 draws them), whose states count
+        `forgotten_weight` times each. The retained pairs in `templates` are held with the retained prompts."""
         anchor = self.cfg.regularizers.key_value_anchor
         groups = self.protected_groups("key_value_anchor")
         if "retain" in groups and "anchored" in self.embeds:
             groups.append("anchored")
-        held = [(self.teacher.unet, groups)]
-        if anchor.reference == "base" and self.references["base"] is not self.teacher.unet:
-            held = [
-                (self.references["base"], [g for g in groups if g in anchor.held_at_base]),
-                (self.teacher.unet, [g for g in groups if g not in anchor.held_at_base]),
-            ]
-        return [(reference, torch.cat([self.text_states(g) for g in names])) for reference, names in held if names]
+        at_base = anchor.reference == "base" and self.references["base"] is not self.teacher.unet
+        base_groups = [g for g in groups if at_base and g in anchor.held_at_base]
+        held = [
+            (self.references["base"], base_groups, 1.0),
+            (self.teacher.unet, [g for g in groups if g not in base_groups and g != "forgotten"], 1.0),
+            (self.teacher.unet, [g for g in groups if g == "forgotten"], anchor.forgotten_weight),
+        ]
+        return [(ref, torch.cat([self.text_states(g) for g in names]), w) for ref, names, w in held if names]
 
     def protected_groups(self, regularizer: str) -> list[str]:
         """The prompt groups `regularizers.<regularizer>.protect` names that the step has (by default: retained

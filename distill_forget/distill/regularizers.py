@@ -144,30 +144,35 @@ def anchored_map(attn: torch.nn.Module, kind: str) -> torch.Tensor:
 
 
 class KeyValueAnchor:
-    """`mean over the anchored maps M of sum_p ||(M - M_p) C_p||^2 / sum_p ||M_p C_p||^2` (a loss).
+    """`mean over the anchored maps M of sum_p w_p ||(M - M_p) C_p||^2 / sum_p w_p ||M_p C_p||^2` (a loss).
 
-    Each part p is a reference network and the protected prompts' token states C_p it holds, as
-    columns (a 1 appended to each, for the biases); the maps are, for every cross-attention layer,
-    its key `W_k` and its value path `W_o W_v` (what a token hands the image once attended; `to_out`
-    acts on every prompt's attended values, so holding `W_v` alone leaves it free). Each term is how
-    far what the protected tokens give moved from their reference's, relative to its size. With one
-    reference (the teacher) for every state this is `||(M - M_teacher) C||^2 / ||M_teacher C||^2`.
-    ProtectedProjection holds the keys and values exactly, and the protected states span the whole
-    text width (MiniCanvas: 682 states in 256 dimensions), which leaves no room to forget in; here a
-    direction the protected tokens use little costs little, as in the preservation term of
-    closed-form concept editing (UCE). `||D C_p||^2 / n = tr(D G_p D^T)` with G_p = C_p C_p^T / n, n
-    the states of all parts, computed once per request.
+    Each part p is a reference network, the protected prompts' token states C_p it holds, as
+    columns (a 1 appended to each, for the biases), and how much they count, w_p; the maps are, for
+    every cross-attention layer, its key `W_k` and its value path `W_o W_v` (what a token hands the
+    image once attended; `to_out` acts on every prompt's attended values, so holding `W_v` alone
+    leaves it free). Each term is how far what the protected tokens give moved from their
+    reference's, relative to its size. With one reference (the teacher) for every state, each
+    counted once, this is `||(M - M_teacher) C||^2 / ||M_teacher C||^2`. ProtectedProjection holds
+    the keys and values exactly, and the protected states span the whole text width (MiniCanvas:
+    682 states in 256 dimensions), which leaves no room to forget in; here a direction the
+    protected tokens use little costs little, as in the preservation term of closed-form concept
+    editing (UCE). `w ||D C_p||^2 / n = tr(D G_p D^T)` with G_p = w C_p C_p^T / n, n the states of
+    all parts; the parts held at one reference share one gram, computed once per request.
     """
 
-    def __init__(self, unet: torch.nn.Module, parts: list[tuple[torch.nn.Module, torch.Tensor]]):
+    def __init__(self, unet: torch.nn.Module, parts: list[tuple[torch.nn.Module, torch.Tensor, float]]):
         augmented = []
-        for _, text_states in parts:
+        for _, text_states, _ in parts:
             states = text_states.detach().reshape(-1, text_states.shape[-1]).double()
             augmented.append(torch.cat([states, torch.ones_like(states[:, :1])], 1))
         count = sum(len(states) for states in augmented)
-        grams = [states.T @ states / count for states in augmented]
-        references = [dict(reference.named_modules()) for reference, _ in parts]
-        # (the student's attn2, "key" | "value", each part's reference map, the summed size sum_p ||M_p C_p||^2 / n).
+        held: dict[int, list] = {}  # id(reference) -> [reference, gram]
+        for (reference, _, weight), states in zip(parts, augmented):
+            entry = held.setdefault(id(reference), [reference, 0.0])
+            entry[1] = entry[1] + weight * (states.T @ states) / count
+        references = [dict(reference.named_modules()) for reference, _ in held.values()]
+        grams = [gram for _, gram in held.values()]
+        # (the student's attn2, "key" | "value", each reference's map, the summed size sum_p w_p ||M_p C_p||^2 / n).
         # The references are frozen, so their maps are computed once per request (at SDXL scale ~1.4 GB in
         # float32 per reference); the grams are kept once, for every term.
         self.terms = []
