@@ -160,6 +160,9 @@ def test_the_shipped_minicanvas_request_files_load_with_the_step_settings_they_n
             assert [r.concept for r in requests] == sequence, name
     relative = shipped["minicanvas-10-relative-replays.yaml"]
     assert [r.overrides.get("loss_scale", "mse") for r in relative] == ["mse"] * 2 + ["relative_replays"] * 8
+    anchored = shipped["minicanvas-10-base-anchor.yaml"]
+    references = [r.overrides.get("regularizers", {}).get("key_value_anchor", {}).get("reference") for r in anchored]
+    assert references == [None] * 2 + ["base"] * 8
 
 
 def test_default_command_smoke_on_the_shipped_model(tmp_path):
