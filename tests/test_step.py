@@ -1011,8 +1011,8 @@ def test_the_base_referenced_anchor_holds_the_retained_tokens_at_the_base_model(
                        "regularizers.key_value_anchor.forgotten_weight=3")  # fmt: skip
     (_, _, _), (teacher, forgotten, weight) = module.anchor_parts()
     assert teacher is module.teacher.unet and torch.equal(forgotten, module.embeds["forgotten"].text) and weight == 3.0
-    with pytest.raises(ValueError, match="forgotten_weight must be >= 0"):
-        anchor("regularizers.key_value_anchor.forgotten_weight=-1")
+    with pytest.raises(ValueError, match="forgotten_weight must be > 0"):  # 0 with `protect: [forgotten]` holds nothing
+        anchor("regularizers.key_value_anchor.forgotten_weight=0")
     with pytest.raises(ValueError, match=r"held_at_base names \['forgotten'\]: M_0 can hold only"):
         anchor("regularizers.key_value_anchor.reference=base", "regularizers.key_value_anchor.held_at_base=[forgotten]")
     with pytest.raises(ValueError, match=r"key_value_anchor.reference must be 'previous' or 'base'"):

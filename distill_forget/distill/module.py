@@ -243,10 +243,10 @@ class DistillForgetModule(L.LightningModule):
                 raise ValueError(
                     f"regularizers.{name}.reference must be 'previous' or 'base' (got {regs[name].reference!r})"
                 )
-        if regs.key_value_anchor.forgotten_weight < 0:
+        if regs.key_value_anchor.forgotten_weight <= 0:
             raise ValueError(
-                f"regularizers.key_value_anchor.forgotten_weight must be >= 0 "
-                f"(got {regs.key_value_anchor.forgotten_weight})"
+                f"regularizers.key_value_anchor.forgotten_weight must be > 0 "
+                f"(got {regs.key_value_anchor.forgotten_weight}; to hold none of them, leave forgotten out of protect)"
             )
         unknown = [g for g in regs.key_value_anchor.held_at_base if g not in BASE_HOLDABLE_GROUPS]
         if unknown:
