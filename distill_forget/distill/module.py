@@ -419,7 +419,7 @@ class DistillForgetModule(L.LightningModule):
         if "retain" in groups and "anchored" in self.embeds:
             groups.append("anchored")
         at_base = anchor.reference == "base" and self.references["base"] is not self.teacher.unet
-        base_groups = [g for g in groups if at_base and g in anchor.held_at_base]
+        base_groups = [g for g in groups if g in anchor.held_at_base] if at_base else []
         held = [
             (self.references["base"], base_groups, 1.0),
             (self.teacher.unet, [g for g in groups if g not in base_groups and g != "forgotten"], 1.0),

@@ -161,17 +161,15 @@ class KeyValueAnchor:
     """
 
     def __init__(self, unet: torch.nn.Module, parts: list[tuple[torch.nn.Module, torch.Tensor, float]]):
-        augmented = []
-        for _, text_states, _ in parts:
+        count = sum(text_states.shape[:-1].numel() for _, text_states, _ in parts)
+        by_reference: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(reference) -> (reference, gram)
+        for reference, text_states, weight in parts:
             states = text_states.detach().reshape(-1, text_states.shape[-1]).double()
-            augmented.append(torch.cat([states, torch.ones_like(states[:, :1])], 1))
-        count = sum(len(states) for states in augmented)
-        held: dict[int, list] = {}  # id(reference) -> [reference, gram]
-        for (reference, _, weight), states in zip(parts, augmented):
-            entry = held.setdefault(id(reference), [reference, 0.0])
-            entry[1] = entry[1] + weight * (states.T @ states) / count
-        references = [dict(reference.named_modules()) for reference, _ in held.values()]
-        grams = [gram for _, gram in held.values()]
+            states = torch.cat([states, torch.ones_like(states[:, :1])], 1)
+            _, gram = by_reference.get(id(reference), (reference, 0.0))
+            by_reference[id(reference)] = (reference, gram + weight * (states.T @ states) / count)
+        references = [dict(reference.named_modules()) for reference, _ in by_reference.values()]
+        grams = [gram for _, gram in by_reference.values()]
         # (the student's attn2, "key" | "value", each reference's map, the summed size sum_p w_p ||M_p C_p||^2 / n).
         # The references are frozen, so their maps are computed once per request (at SDXL scale ~1.4 GB in
         # float32 per reference); the grams are kept once, for every term.
