@@ -1,7 +1,7 @@
 """Where a model's quality rise comes from: the quality figure with one concept's images put back.
 
     python -m distill_forget.quality_by_concept --model FOLDER [--base FOLDER | --base-images RUN/base/images.pt]
-                                               [--forgotten a b ...]
+                                               [--forgotten a b ...] [--seeds 12 [--base-cache FILE]]
 
 The loop's quality figure is the Frechet distance, in the judge's feature space, between the
 images of the retained (object, style) pairs and real renders of those pairs
@@ -21,6 +21,12 @@ images that all moved one way shows apart from one made by images that became al
 sharpness and contrast of the model's, the base model's and the renders' images.
 Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base model's grid
 that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
+
+The loop's figure comes from the evaluation's few seeds and moves by tens of points with them
+(`quality_noise`). `--seeds N` reads the figure over N seeds instead (the evaluation's first, then
+the next integers; a multiple of the evaluation's count), against as many more real renders: the
+figure `quality_noise` gives for the group of all N seeds, taken apart by concept. `--base-cache
+FILE` reads the base model's images from, and keeps them in, `quality_noise`'s file of them.
 """
 
 import argparse
@@ -34,12 +40,11 @@ from distill_forget.evaluate import (
     generate,
     grid_prompts,
     load_judge,
-    real_renders,
-    retained_pairs,
     retained_rows,
 )
 from distill_forget.metrics import quality_rise
 from distill_forget.pipelines import load_pipeline
+from distill_forget.quality_noise import base_images, group_renders, study_seeds
 from distill_forget.storage import torch_load
 from distill_forget.world.judge import JudgeFeatures
 
@@ -126,10 +131,20 @@ def main(argv=None) -> None:
         "--forgotten", nargs="*", default=[], help="concepts whose pairs are left out, as the loop does"
     )
     parser.add_argument("--judge", default=None, help="default: the shipped MiniCanvas judge")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds in all, a multiple of the evaluation's (default: the evaluation's own)")
+    parser.add_argument("--base-cache", type=Path, default=None,
+                        help="quality_noise's file of the base model's images (drawn again where they differ)")
     args = parser.parse_args(argv)
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
-    items = grid_prompts(cfg.seeds)
+    try:
+        seeds = study_seeds(cfg.seeds, args.seeds or len(cfg.seeds))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    if args.base_images is not None and (args.seeds is not None or args.base_cache is not None):
+        raise SystemExit("--base-images is the loop's grid of the evaluation seeds: leave out --seeds and --base-cache")
+    items = grid_prompts(seeds)
     keep = retained_rows(items, args.forgotten)
     prompts = [items[i] for i in keep]
     if not prompts:
@@ -144,10 +159,13 @@ def main(argv=None) -> None:
             )
         images["base"] = grid[keep]
         del folders["base"]
+    elif args.base_cache is not None:
+        images["base"] = base_images(args.base, items, cfg, args.base_cache)[keep]
+        del folders["base"]
     for name, folder in folders.items():
         print(f"generating the {len(prompts)} retained images of {folder} ...", flush=True)
         images[name] = generate(load_pipeline(folder), prompts, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
-    reference = real_renders(retained_pairs(args.forgotten, cfg.reference_repeats), cfg.reference_seed)
+    reference = group_renders(args.forgotten, len(seeds), len(cfg.seeds), cfg)  # quality_noise's group of all seeds
     result = quality_by_concept(images["model"], images["base"], prompts, reference, load_judge(args.judge).eval())
     rise = quality_rise(result["model"], result["base"])
     print(f"quality: model {result['model']:.1f}, base {result['base']:.1f} ({rise:+.1f} %)")

@@ -75,8 +75,7 @@ def rise_by_sample_size(model, base, prompts, forgotten, seeds, per_evaluation, 
         for k in range(len(seeds) // size):
             group = seeds[k * size : (k + 1) * size]
             mine = torch.isin(seed_of, torch.tensor(group))
-            repeats = cfg.reference_repeats * size // per_evaluation
-            reference = real_renders(retained_pairs(forgotten, repeats), cfg.reference_seed + k)
+            reference = group_renders(forgotten, size, per_evaluation, cfg, k)
             distance = frechet_distance_to(judge, reference)  # the reference's features once, for both models
             if distance is None:
                 raise ValueError("quality_noise needs a judge with a feature space (`features`), as quality does")
@@ -84,6 +83,13 @@ def rise_by_sample_size(model, base, prompts, forgotten, seeds, per_evaluation, 
             rows.append({"size": size, "seeds": group, "images": int(mine.sum()), "base": base_figure,
                          "model": model_figure, "rise": quality_rise(model_figure, base_figure)})  # fmt: skip
     return rows
+
+
+def group_renders(forgotten, size: int, per_evaluation: int, cfg, group: int = 0) -> torch.Tensor:
+    """The real renders that group `group` of `size` seeds is judged against: `cfg.reference_repeats`
+    per retained pair for every `per_evaluation` seeds, drawn with `cfg.reference_seed + group`."""
+    repeats = cfg.reference_repeats * size // per_evaluation
+    return real_renders(retained_pairs(forgotten, repeats), cfg.reference_seed + group)
 
 
 def forgotten_of(step: Path) -> list[str]:

@@ -96,3 +96,32 @@ def test_base_images_that_are_not_the_evaluation_grid_are_refused_before_any_dra
     torch.save(torch.zeros((5, 3, 8, 8), dtype=torch.uint8), kept)
     with pytest.raises(SystemExit, match=f"holds 5 images, not the {grid} of the evaluation grid"):
         main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept)])
+    with pytest.raises(SystemExit, match="leave out --seeds and --base-cache"):  # that grid has the evaluation's seeds
+        main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept), "--seeds", "12"])
+    with pytest.raises(SystemExit, match="a multiple of the evaluation's"):
+        main(["--model", str(tiny_pipeline_dir), "--seeds", "4"])
+
+
+def test_over_more_seeds_it_takes_apart_the_figure_quality_noise_gives_for_all_of_them(tiny_pipeline_dir):
+    from distill_forget.config import load_config
+    from distill_forget.evaluate import generate, grid_prompts, retained_rows
+    from distill_forget.pipelines import load_pipeline
+    from distill_forget.quality_noise import group_renders, rise_by_sample_size, study_seeds
+
+    cfg = load_config("evaluate", ["sampling_steps=2", "reference_repeats=1", "batch=32", "seeds=[0]"])
+    forgotten = concepts.OBJECTS[4:] + concepts.STYLES[4:]  # 4 x 4 pairs left
+    seeds = study_seeds(cfg.seeds, 2)
+    items = grid_prompts(seeds)
+    prompts = [items[i] for i in retained_rows(items, forgotten)]
+    base = generate(load_pipeline(tiny_pipeline_dir), prompts, cfg.sampling_steps, cfg.guidance_scale, cfg.batch)
+    model = base.clone()
+    model[len(prompts) // 2 :] = 255 - model[len(prompts) // 2 :]  # seed 1's images inverted
+    judge = load_judge(None).eval()
+
+    all_seeds = rise_by_sample_size(model, base, prompts, forgotten, seeds, 1, judge, cfg)[-1]
+    result = quality_by_concept(model, base, prompts, group_renders(forgotten, len(seeds), 1, cfg), judge)
+
+    assert all_seeds["seeds"] == seeds
+    assert result["model"] == pytest.approx(all_seeds["model"], rel=1e-6)
+    assert result["base"] == pytest.approx(all_seeds["base"], rel=1e-6)
+    assert result["model"] > result["base"]
