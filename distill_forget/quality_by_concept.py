@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
     try:
-        seeds = study_seeds(cfg.seeds, args.seeds or len(cfg.seeds))
+        seeds = study_seeds(cfg.seeds, len(cfg.seeds) if args.seeds is None else args.seeds)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     if args.base_images is not None and (args.seeds is not None or args.base_cache is not None):

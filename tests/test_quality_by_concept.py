@@ -98,8 +98,9 @@ def test_base_images_that_are_not_the_evaluation_grid_are_refused_before_any_dra
         main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept)])
     with pytest.raises(SystemExit, match="leave out --seeds and --base-cache"):  # that grid has the evaluation's seeds
         main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept), "--seeds", "12"])
-    with pytest.raises(SystemExit, match="a multiple of the evaluation's"):
-        main(["--model", str(tiny_pipeline_dir), "--seeds", "4"])
+    for count in ("4", "0"):  # 0 is refused, not read as the default
+        with pytest.raises(SystemExit, match="a multiple of the evaluation's"):
+            main(["--model", str(tiny_pipeline_dir), "--seeds", count])
 
 
 def test_over_more_seeds_it_takes_apart_the_figure_quality_noise_gives_for_all_of_them(tiny_pipeline_dir):
