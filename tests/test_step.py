@@ -2,7 +2,9 @@
 
 import copy
 import dataclasses
+import itertools
 import json
+import math
 import re
 
 import pytest
@@ -11,7 +13,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.config import load_config
 from distill_forget.distill.global_batch import GlobalBatch
-from distill_forget.distill.module import TRAINABLE, CheckpointError, make_optimizer, settings_changes
+from distill_forget.distill.module import TRAINABLE, CheckpointError, lr_factor, make_optimizer, settings_changes
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.objectives import (
     ForgetMapping,
@@ -1121,6 +1123,63 @@ def test_change_scale_keeps_that_share_of_the_trained_change(tiny_pipeline_dir, 
     torch.testing.assert_close(changes[0.5], 0.5 * changes[1.0], atol=1e-7, rtol=1e-4)
     with pytest.raises(ValueError, match="change_scale must be > 0"):
         run_step(tiny_pipeline_dir, request, fast_cfg("steps=2", "change_scale=0"), tmp_path / "none")
+
+
+def test_the_cosine_schedule_falls_from_the_warm_up_to_near_zero_and_constant_stays_at_the_lr():
+    warmup, steps = 4, 20
+    constant = [lr_factor(k, warmup, steps, "constant") for k in range(steps)]
+    cosine = [lr_factor(k, warmup, steps, "cosine") for k in range(steps)]
+    assert constant == [0.25, 0.5, 0.75] + [1.0] * 17  # the linear warm-up, then the lr
+    assert cosine[:4] == constant[:4]  # the same warm-up up to the full lr
+    assert all(a > b for a, b in itertools.pairwise(cosine[3:]))  # then falling at every step
+    assert cosine[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 16 / 17)))  # small, not 0: the last step counts
+    assert cosine[11] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 17)))
+
+
+def trained_change(folder, teacher_dir) -> torch.Tensor:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    teacher = UNet2DConditionModel.from_pretrained(teacher_dir / "unet")
+    return torch.cat([(a - b).flatten() for a, b in zip(unet.parameters(), teacher.parameters())])
+
+
+def test_weight_average_makes_the_student_the_average_of_the_steps_and_resumes_it(tiny_pipeline_dir, tmp_path):
+    request = Request("dots", "style", prompts=["a ring in dots style", "dots style"])
+    last = {}  # the weights after 1, 2 and 4 steps, as change from the teacher (the average is passive)
+    for steps in (1, 2, 4):
+        run_step(tiny_pipeline_dir, request, fast_cfg(f"steps={steps}", "warmup=1"), tmp_path / f"last{steps}")
+        last[steps] = trained_change(tmp_path / f"last{steps}", tiny_pipeline_dir)
+    assert last[1].abs().max() > 1e-6 and not torch.equal(last[1], last[2])
+    run_step(tiny_pipeline_dir, request, fast_cfg("steps=2", "warmup=1", "weight_average=0.9"), tmp_path / "avg2")
+    # avg_2 = 0.9 (0.9 w_0 + 0.1 w_1) + 0.1 w_2, w_0 the teacher's
+    torch.testing.assert_close(
+        trained_change(tmp_path / "avg2", tiny_pipeline_dir), 0.09 * last[1] + 0.1 * last[2], atol=1e-7, rtol=1e-4
+    )
+
+    # killed after step 2 of 4: the average goes on from the checkpoint, as in an unbroken run
+    cfg, checkpoints = fast_cfg("steps=4", "warmup=1", "weight_average=0.9", "checkpoint_every=2"), tmp_path / "ckpt"
+    run_step(tiny_pipeline_dir, request, cfg, tmp_path / "whole")
+    module, _ = build_module(tiny_pipeline_dir, request, cfg)
+    make_trainer(cfg, checkpoint_dir=checkpoints).fit(module, train_dataloaders=step_indices(cfg))
+    record = run_step(tiny_pipeline_dir, request, cfg, tmp_path / "resumed", checkpoint_dir=checkpoints)
+    assert record["resumed_from"].endswith("last.ckpt")
+    whole = trained_change(tmp_path / "whole", tiny_pipeline_dir)
+    torch.testing.assert_close(trained_change(tmp_path / "resumed", tiny_pipeline_dir), whole, rtol=0, atol=0)
+    assert not torch.allclose(whole, last[4])
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("lr_schedule=linear", "lr_schedule must be one of"),
+        ("weight_average=1.0", r"weight_average must be in \[0, 1\)"),
+        ("strategy=fsdp weight_average=0.9", "not with strategy=fsdp"),
+    ],
+)
+def test_bad_lr_schedule_or_weight_average_is_refused_before_training(tiny_pipeline_dir, setting, message):
+    with pytest.raises(ValueError, match=message):
+        build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), fast_cfg(*setting.split()))
 
 
 def test_training_seed_keeps_the_plan_and_draws_another_training(tiny_pipeline_dir, tmp_path):

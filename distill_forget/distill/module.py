@@ -5,6 +5,7 @@ and the text encoder sit in plain attributes (`Denoiser`, `PromptEncoder`), so t
 neither the optimizer nor any checkpoint; the module moves them to its device itself.
 """
 
+import math
 import time
 
 import lightning as L
@@ -106,6 +107,37 @@ def make_optimizer(cfg, params) -> torch.optim.Optimizer | None:
     return torch.optim.AdamW(
         params, lr=cfg.lr, betas=tuple(adamw.betas), weight_decay=adamw.weight_decay, eps=adamw.eps
     )
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
+    """The lr's share at optimizer step `step` (from 0): a linear warm-up over `warmup` steps, then
+    `constant` 1, or `cosine` a half cosine from 1 down to 0 at step `steps`."""
+    if step + 1 < warmup or schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    progress = min(1.0, (step + 1 - warmup) / (steps - warmup + 1))  # the last step's lr small, not 0
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WeightAverage:
+    """An exponential moving average of the trained weights, updated after each optimizer step:
+    avg <- decay avg + (1 - decay) w, from the request's starting weights. Its values, not the last
+    step's, become the student (`weight_average`), so the wander of the last steps around where the
+    losses settle is averaged out. One copy of the trained parameters."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params, self.decay = params, decay
+        self.values = [p.detach().clone() for p in params]
+
+    def update(self) -> None:
+        torch._foreach_lerp_(self.values, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    def apply(self) -> None:
+        """The averaged values into the trained parameters."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.values)
 
 
 def select_trainable(unet: torch.nn.Module, mode: str) -> list[str]:
@@ -210,6 +242,15 @@ class DistillForgetModule(L.LightningModule):
         self.unet = student_unet
         self.trainable_names = select_trainable(self.unet, cfg.trainable)
         make_optimizer(cfg, None)  # its name checked now, not after the replay bank is sampled
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)} (got {cfg.lr_schedule!r})")
+        if not 0.0 <= cfg.weight_average < 1.0:
+            raise ValueError(f"weight_average must be in [0, 1): the average's decay per step, 0 off "
+                             f"(got {cfg.weight_average})")  # fmt: skip
+        if cfg.weight_average and cfg.strategy == "fsdp":
+            raise ValueError("weight_average averages whole parameters: not with strategy=fsdp, which shards them")
+        self.weight_average: WeightAverage | None = None  # made at fit start
+        self.resumed_average: list[torch.Tensor] | None = None  # the average a checkpoint carried
         self.student = Denoiser(self.unet)
         self.teacher = teacher
         self.teacher.unet.requires_grad_(False).eval()
@@ -373,6 +414,12 @@ class DistillForgetModule(L.LightningModule):
         self.replay.prepare()
         self.replay_seconds = time.time() - started
         self.prepare_regularizers()
+        if self.cfg.weight_average:
+            trained = [p for p in self.unet.parameters() if p.requires_grad]
+            self.weight_average = WeightAverage(trained, self.cfg.weight_average)
+            if self.resumed_average is not None:  # on_load_checkpoint runs before fit start
+                resumed = zip(self.resumed_average, trained, strict=True)
+                self.weight_average.values = [value.to(param.device) for value, param in resumed]
 
     def prepare_regularizers(self) -> None:
         """Once per request: the selective-fine-tuning mask and the protected-embedding projection."""
@@ -557,15 +604,19 @@ class DistillForgetModule(L.LightningModule):
         if grads:  # before the clip (grad_clip): how much it cuts, and with sgd how long the steps are
             self.log("grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # After the optimizer step: what may not change is put back exactly (AdamW's per-element
-        # scaling and weight decay move it otherwise). Mask first: the projection's guarantee wins.
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # After the optimizer step (before any callback, so a checkpoint holds all of it): what may not
+        # change is put back exactly (AdamW's per-element scaling and weight decay move it otherwise).
+        # Mask first: the projection's guarantee wins. Then the average takes in the step as kept.
         if self.selective is not None:
             self.selective.hold(self.unet, self.teacher.unet)
         if self.projection is not None:
             self.projection.project_update(self.unet, self.teacher.unet)
         if self.start_token_hold is not None:
             self.start_token_hold.hold()
+        if self.weight_average is not None:
+            self.weight_average.update()
 
     def training_step(self, batch, batch_idx):
         losses = self.losses()
@@ -581,6 +632,8 @@ class DistillForgetModule(L.LightningModule):
         if self.selective is not None:  # computed on the request's starting weights: kept, not recomputed
             checkpoint["selective_masks"] = self.selective.masks
         checkpoint["step_settings"] = OmegaConf.to_container(self.cfg, resolve=True)  # the request's, as merged
+        if self.weight_average is not None:
+            checkpoint["weight_average"] = self.weight_average.values
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A request goes on only under the settings it was trained with so far: a rerun with other settings
@@ -597,10 +650,11 @@ class DistillForgetModule(L.LightningModule):
             self.draw.load_state_dict(checkpoint["global_batch"])
         if "selective_masks" in checkpoint:
             self.selective = SelectiveMask(checkpoint["selective_masks"])
+        self.resumed_average = checkpoint.get("weight_average")
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.cfg, params)
-        warmup = max(1, self.cfg.warmup)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        warmup, steps, name = max(1, self.cfg.warmup), self.cfg.steps, self.cfg.lr_schedule
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, steps, name))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
