@@ -1108,17 +1108,22 @@ def test_forgotten_replay_takes_retain_rows_so_every_request_trains_as_many_rows
         replay_rows(["dots"], "replay.forgotten_share=0.9")
 
 
-def test_change_scale_keeps_that_share_of_the_trained_change(tiny_pipeline_dir, tmp_path):
+def trained_change(folder, teacher_dir) -> torch.Tensor:
+    """A step's student UNet (in `folder`) less its teacher's, every parameter flattened into one vector."""
     from diffusers import UNet2DConditionModel
 
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    teacher = UNet2DConditionModel.from_pretrained(teacher_dir / "unet")
+    return torch.cat([(a - b).flatten() for a, b in zip(unet.parameters(), teacher.parameters())])
+
+
+def test_change_scale_keeps_that_share_of_the_trained_change(tiny_pipeline_dir, tmp_path):
     request = Request("dots", "style", prompts=["a ring in dots style", "dots style"])
     changes = {}
     for scale in (1.0, 0.5):
         cfg = fast_cfg("steps=2", f"change_scale={scale}")
         run_step(tiny_pipeline_dir, request, cfg, tmp_path / str(scale))
-        unet = UNet2DConditionModel.from_pretrained(tmp_path / str(scale) / "unet")
-        teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")
-        changes[scale] = torch.cat([(a - b).flatten() for a, b in zip(unet.parameters(), teacher.parameters())])
+        changes[scale] = trained_change(tmp_path / str(scale), tiny_pipeline_dir)
     assert changes[1.0].abs().max() > 1e-6  # the same training both times; half its change kept
     torch.testing.assert_close(changes[0.5], 0.5 * changes[1.0], atol=1e-7, rtol=1e-4)
     with pytest.raises(ValueError, match="change_scale must be > 0"):
@@ -1134,14 +1139,6 @@ def test_the_cosine_schedule_falls_from_the_warm_up_to_near_zero_and_constant_st
     assert all(a > b for a, b in itertools.pairwise(cosine[3:]))  # then falling at every step
     assert cosine[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 16 / 17)))  # small, not 0: the last step counts
     assert cosine[11] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 17)))
-
-
-def trained_change(folder, teacher_dir) -> torch.Tensor:
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    teacher = UNet2DConditionModel.from_pretrained(teacher_dir / "unet")
-    return torch.cat([(a - b).flatten() for a, b in zip(unet.parameters(), teacher.parameters())])
 
 
 def test_weight_average_makes_the_student_the_average_of_the_steps_and_resumes_it(tiny_pipeline_dir, tmp_path):

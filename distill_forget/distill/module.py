@@ -114,7 +114,8 @@ LR_SCHEDULES = ("constant", "cosine")
 
 def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
     """The lr's share at optimizer step `step` (from 0): a linear warm-up over `warmup` steps, then
-    `constant` 1, or `cosine` a half cosine from 1 down to 0 at step `steps`."""
+    `constant` 1, or `cosine` a half cosine from 1 down towards 0, which it would reach one step
+    after the last of `steps`."""
     if step + 1 < warmup or schedule == "constant":
         return min(1.0, (step + 1) / warmup)
     progress = min(1.0, (step + 1 - warmup) / (steps - warmup + 1))  # the last step's lr small, not 0
@@ -124,8 +125,8 @@ def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
 class WeightAverage:
     """An exponential moving average of the trained weights, updated after each optimizer step:
     avg <- decay avg + (1 - decay) w, from the request's starting weights. Its values, not the last
-    step's, become the student (`weight_average`), so the wander of the last steps around where the
-    losses settle is averaged out. One copy of the trained parameters."""
+    step's, become the student (`weight_average`): where the last steps of a small batch happen to
+    stop is averaged out. One copy of the trained parameters."""
 
     def __init__(self, params: list[torch.Tensor], decay: float):
         self.params, self.decay = params, decay
@@ -245,8 +246,8 @@ class DistillForgetModule(L.LightningModule):
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)} (got {cfg.lr_schedule!r})")
         if not 0.0 <= cfg.weight_average < 1.0:
-            raise ValueError(f"weight_average must be in [0, 1): the average's decay per step, 0 off "
-                             f"(got {cfg.weight_average})")  # fmt: skip
+            got = cfg.weight_average
+            raise ValueError(f"weight_average must be in [0, 1): the average's decay per step, 0 off (got {got})")
         if cfg.weight_average and cfg.strategy == "fsdp":
             raise ValueError("weight_average averages whole parameters: not with strategy=fsdp, which shards them")
         self.weight_average: WeightAverage | None = None  # made at fit start
