@@ -132,8 +132,12 @@ class WeightAverage:
         self.params, self.decay = params, decay
         self.values = [p.detach().clone() for p in params]
 
+    @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.values, [p.detach() for p in self.params], 1.0 - self.decay)
+        torch._foreach_lerp_(self.values, self.params, 1.0 - self.decay)
+
+    def to(self, device) -> None:
+        self.values = [value.to(device) for value in self.values]
 
     def apply(self) -> None:
         """The averaged values into the trained parameters."""
@@ -250,8 +254,8 @@ class DistillForgetModule(L.LightningModule):
             raise ValueError(f"weight_average must be in [0, 1): the average's decay per step, 0 off (got {got})")
         if cfg.weight_average and cfg.strategy == "fsdp":
             raise ValueError("weight_average averages whole parameters: not with strategy=fsdp, which shards them")
-        self.weight_average: WeightAverage | None = None  # made at fit start
-        self.resumed_average: list[torch.Tensor] | None = None  # the average a checkpoint carried
+        trained = [p for p in self.unet.parameters() if p.requires_grad]  # still the teacher's weights
+        self.weight_average = WeightAverage(trained, cfg.weight_average) if cfg.weight_average else None
         self.student = Denoiser(self.unet)
         self.teacher = teacher
         self.teacher.unet.requires_grad_(False).eval()
@@ -415,12 +419,8 @@ class DistillForgetModule(L.LightningModule):
         self.replay.prepare()
         self.replay_seconds = time.time() - started
         self.prepare_regularizers()
-        if self.cfg.weight_average:
-            trained = [p for p in self.unet.parameters() if p.requires_grad]
-            self.weight_average = WeightAverage(trained, self.cfg.weight_average)
-            if self.resumed_average is not None:  # on_load_checkpoint runs before fit start
-                resumed = zip(self.resumed_average, trained, strict=True)
-                self.weight_average.values = [value.to(param.device) for value, param in resumed]
+        if self.weight_average is not None:  # after on_load_checkpoint, which may have replaced its values
+            self.weight_average.to(self.device)
 
     def prepare_regularizers(self) -> None:
         """Once per request: the selective-fine-tuning mask and the protected-embedding projection."""
@@ -619,6 +619,10 @@ class DistillForgetModule(L.LightningModule):
         if self.weight_average is not None:
             self.weight_average.update()
 
+    def on_train_end(self) -> None:
+        if self.weight_average is not None:
+            self.weight_average.apply()  # the student is the trained weights' average (`weight_average`)
+
     def training_step(self, batch, batch_idx):
         losses = self.losses()
         total = sum(self.weights[name] * loss for name, loss in losses.items())
@@ -651,7 +655,8 @@ class DistillForgetModule(L.LightningModule):
             self.draw.load_state_dict(checkpoint["global_batch"])
         if "selective_masks" in checkpoint:
             self.selective = SelectiveMask(checkpoint["selective_masks"])
-        self.resumed_average = checkpoint.get("weight_average")
+        if self.weight_average is not None and "weight_average" in checkpoint:
+            self.weight_average.values = checkpoint["weight_average"]
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]

@@ -605,8 +605,6 @@ def run_step(
         "peak_memory_mb": peak_memory_mb(),
         "settings": OmegaConf.to_container(cfg, resolve=True),
     }
-    if module.weight_average is not None:
-        module.weight_average.apply()  # the student is the trained weights' average (`weight_average`)
     unet = student_unet(trainer, module)
     if ranks.is_main:
         scale_change(unet, module.teacher.unet, cfg.change_scale)
