@@ -20,7 +20,8 @@ trace of the features' covariance: the images' variety in the judge's eyes), so 
 images that all moved one way shows apart from one made by images that became alike. Last, the
 sharpness and contrast of the model's, the base model's and the renders' images.
 Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base model's grid
-that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again.
+that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again, refused where the
+run's `config.yaml` records other evaluation seeds or sampler settings.
 
 The loop's figure comes from the evaluation's few seeds and moves by tens of points with them
 (`quality_noise`). `--seeds N` reads the figure over N seeds instead (the evaluation's first, then
@@ -33,6 +34,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from distill_forget.config import MINICANVAS_DIR, load_config
 from distill_forget.evaluate import (
@@ -117,6 +119,23 @@ def colour_shift(change: torch.Tensor) -> list[float]:
     return [round(v, 2) for v in change.mean((0, 2, 3)).tolist()]
 
 
+SAMPLED_WITH = ("seeds", "sampling_steps", "guidance_scale")  # what decides a grid's images beside the weights
+
+
+def refuse_other_sampling(images_file: Path, cfg) -> None:
+    """Refuse a run's kept base grid (RUN/base/images.pt) drawn with other evaluation settings than `cfg`'s,
+    as the run's `config.yaml` beside it records them; a file outside a run folder is taken as it is."""
+    run_config = images_file.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        print(f"{images_file} has no run config.yaml two folders up: its sampler settings are not checked")
+        return
+    drawn = OmegaConf.load(run_config).get("evaluate") or {}
+    differ = [f"{key} {drawn.get(key)} (here {cfg[key]})" for key in SAMPLED_WITH if drawn.get(key) != cfg[key]]
+    if differ:
+        raise SystemExit(f"{images_file} was drawn with other evaluation settings ({run_config}): "
+                         f"{', '.join(differ)}; pass --base FOLDER instead")  # fmt: skip
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="the pipeline folder to check (a step's pipeline/)")
@@ -157,6 +176,7 @@ def main(argv=None) -> None:
                 f"{args.base_images} holds {len(grid)} images, not the {len(items)} of the evaluation grid "
                 "(configs/evaluate.yaml's seeds): pass --base FOLDER instead"
             )
+        refuse_other_sampling(args.base_images, cfg)
         images["base"] = grid[keep]
         del folders["base"]
     elif args.base_cache is not None:

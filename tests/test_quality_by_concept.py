@@ -126,3 +126,25 @@ def test_over_more_seeds_it_takes_apart_the_figure_quality_noise_gives_for_all_o
     assert result["model"] == pytest.approx(all_seeds["model"], rel=1e-6)
     assert result["base"] == pytest.approx(all_seeds["base"], rel=1e-6)
     assert result["model"] > result["base"]
+
+
+def test_a_runs_base_images_drawn_with_other_evaluation_settings_are_refused(tmp_path, tiny_pipeline_dir):
+    from omegaconf import OmegaConf
+
+    from distill_forget.config import load_config
+    from distill_forget.evaluate import grid_prompts
+    from distill_forget.quality_by_concept import main, refuse_other_sampling
+
+    cfg = load_config("evaluate", [])
+    kept = tmp_path / "run" / "base" / "images.pt"
+    kept.parent.mkdir(parents=True)
+    torch.save(torch.zeros((len(grid_prompts(cfg.seeds)), 3, 8, 8), dtype=torch.uint8), kept)
+    config = tmp_path / "run" / "config.yaml"
+    OmegaConf.save({"evaluate": OmegaConf.merge(cfg, {"guidance_scale": cfg.guidance_scale + 1.0})}, config)
+    with pytest.raises(SystemExit, match=rf"guidance_scale {cfg.guidance_scale + 1.0} \(here {cfg.guidance_scale}\)"):
+        main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept)])
+    OmegaConf.save({"evaluate": OmegaConf.merge(cfg, {"seeds": [5, 6, 7], "sampling_steps": 4})}, config)
+    with pytest.raises(SystemExit, match=r"seeds \[5, 6, 7\] .*sampling_steps 4"):
+        main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept)])
+    OmegaConf.save({"evaluate": cfg}, config)
+    refuse_other_sampling(kept, cfg)  # the run's own settings: taken
