@@ -129,7 +129,10 @@ def refuse_other_sampling(images_file: Path, cfg) -> None:
     if not run_config.is_file():
         print(f"{images_file} has no run config.yaml two folders up: its sampler settings are not checked")
         return
-    drawn = OmegaConf.load(run_config).get("evaluate") or {}
+    try:
+        drawn = OmegaConf.load(run_config).get("evaluate") or {}
+    except Exception as error:  # a YAML or OmegaConf error, or a top level that is no mapping
+        raise SystemExit(f"{run_config} cannot be read as a run's config ({error}); pass --base FOLDER") from None
     differ = [f"{key} {drawn.get(key)} (here {cfg[key]})" for key in SAMPLED_WITH if drawn.get(key) != cfg[key]]
     if differ:
         raise SystemExit(f"{images_file} was drawn with other evaluation settings ({run_config}): "

@@ -146,5 +146,8 @@ def test_a_runs_base_images_drawn_with_other_evaluation_settings_are_refused(tmp
     OmegaConf.save({"evaluate": OmegaConf.merge(cfg, {"seeds": [5, 6, 7], "sampling_steps": 4})}, config)
     with pytest.raises(SystemExit, match=r"seeds \[5, 6, 7\] .*sampling_steps 4"):
         main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept)])
+    config.write_text("evaluate: [unclosed")
+    with pytest.raises(SystemExit, match="cannot be read as a run's config"):
+        refuse_other_sampling(kept, cfg)
     OmegaConf.save({"evaluate": cfg}, config)
     refuse_other_sampling(kept, cfg)  # the run's own settings: taken
