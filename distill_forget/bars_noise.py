@@ -68,8 +68,10 @@ def read_cache(path: Path, weights: str, say=print) -> list[dict]:
     return judged
 
 
-# What makes a model's grid images and their judgements the same in two runs, besides its weights and the seeds
-DRAWN_WITH = ("evaluate.sampling_steps", "evaluate.guidance_scale", "judge")
+# What makes a model's grid images the same in two runs, besides its weights and the seeds (`evaluate`'s settings),
+# and with the judge, their judgements too
+SAMPLED_WITH = ("sampling_steps", "guidance_scale")
+DRAWN_WITH = (*(f"evaluate.{key}" for key in SAMPLED_WITH), "judge")
 
 
 def run_config(run: Path):

@@ -34,8 +34,8 @@ import argparse
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from distill_forget.bars_noise import SAMPLED_WITH, run_config
 from distill_forget.config import MINICANVAS_DIR, load_config
 from distill_forget.evaluate import (
     frechet_distance_to,
@@ -119,23 +119,21 @@ def colour_shift(change: torch.Tensor) -> list[float]:
     return [round(v, 2) for v in change.mean((0, 2, 3)).tolist()]
 
 
-SAMPLED_WITH = ("seeds", "sampling_steps", "guidance_scale")  # what decides a grid's images beside the weights
-
-
 def refuse_other_sampling(images_file: Path, cfg) -> None:
-    """Refuse a run's kept base grid (RUN/base/images.pt) drawn with other evaluation settings than `cfg`'s,
-    as the run's `config.yaml` beside it records them; a file outside a run folder is taken as it is."""
-    run_config = images_file.parent.parent / "config.yaml"
-    if not run_config.is_file():
+    """Refuse a run's kept base grid (RUN/base/images.pt) drawn with other evaluation seeds or sampler settings
+    than `cfg`'s, as the run's `config.yaml` records them; a file outside a run folder is taken as it is."""
+    run = images_file.parent.parent
+    saved = run / "config.yaml"
+    if not saved.is_file():
         print(f"{images_file} has no run config.yaml two folders up: its sampler settings are not checked")
         return
     try:
-        drawn = OmegaConf.load(run_config).get("evaluate") or {}
+        drawn = run_config(run).evaluate
     except Exception as error:  # a YAML or OmegaConf error, or a top level that is no mapping
-        raise SystemExit(f"{run_config} cannot be read as a run's config ({error}); pass --base FOLDER") from None
-    differ = [f"{key} {drawn.get(key)} (here {cfg[key]})" for key in SAMPLED_WITH if drawn.get(key) != cfg[key]]
+        raise SystemExit(f"{saved} cannot be read as a run's config ({error}); pass --base FOLDER") from None
+    differ = [f"{key} {drawn[key]} (here {cfg[key]})" for key in ("seeds", *SAMPLED_WITH) if drawn[key] != cfg[key]]
     if differ:
-        raise SystemExit(f"{images_file} was drawn with other evaluation settings ({run_config}): "
+        raise SystemExit(f"{images_file} was drawn with other evaluation settings ({saved}): "
                          f"{', '.join(differ)}; pass --base FOLDER instead")  # fmt: skip
 
 
