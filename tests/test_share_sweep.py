@@ -33,3 +33,10 @@ def test_share_zero_is_the_teacher_and_share_one_the_saved_step(tiny_pipeline_di
         sweep(run_dir, "02-star", [1.0])
     with pytest.raises(SystemExit, match="must lie in"):
         main([str(run_dir), "01-dots", "--shares", "1.5"])
+
+
+def test_a_folder_without_a_run_config_is_refused_by_name(tmp_path):
+    with pytest.raises(SystemExit, match=r"is not a run folder of python -m distill_forget\.train \(no config\.yaml\)"):
+        main([str(tmp_path), "01-dots"])
+    with pytest.raises(SystemExit, match="is not a run folder"):
+        sweep(tmp_path, "01-dots", [1.0])
