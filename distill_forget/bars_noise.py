@@ -75,7 +75,10 @@ DRAWN_WITH = (*(f"evaluate.{key}" for key in SAMPLED_WITH), "judge")
 
 
 def run_config(run: Path):
-    """A run's saved config over today's defaults (a run from before a setting existed reads its default)."""
+    """A run's saved config over today's defaults (a run from before a setting existed reads its default); a folder
+    without one is refused by name."""
+    if not (run / "config.yaml").is_file():
+        raise SystemExit(f"{run} is not a run folder of python -m distill_forget.train (no config.yaml)")
     return OmegaConf.merge(read_config("train"), OmegaConf.load(run / "config.yaml"))
 
 

@@ -43,16 +43,9 @@ def step_models(run_dir: Path, records: list[dict], step: str) -> tuple[int, Pat
     raise SystemExit(f"{run_dir} has no finished step {step!r} (it has: {names or 'none'})")
 
 
-def saved_config(run_dir: Path):
-    """The configuration a run saved (RUN/config.yaml), over today's defaults (`bars_noise.run_config`)."""
-    if not (run_dir / "config.yaml").is_file():
-        raise SystemExit(f"{run_dir} is not a run folder of python -m distill_forget.train (no config.yaml)")
-    return run_config(run_dir)
-
-
 def sweep(run_dir: Path, step: str, shares: list[float]) -> list[dict]:
     """One row per share: UA, retention % of base, quality and its rise over base."""
-    cfg = saved_config(run_dir)
+    cfg = run_config(run_dir)
     if cfg.setting != "sequential":
         raise SystemExit(f"share_sweep needs a sequential run: {run_dir} ran setting={cfg.setting}")
     try:
@@ -99,7 +92,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if any(not 0 <= s <= 1 for s in args.shares):
         raise SystemExit(f"--shares must lie in [0, 1] (got {args.shares})")
-    torch.set_num_threads(saved_config(args.run).threads)
+    torch.set_num_threads(run_config(args.run).threads)
     rows = sweep(args.run, args.step, args.shares)
     print(f"{'share':>5} " + " ".join(f"{title:>{width}}" for _, title, width in COLUMNS))
     for row in rows:
