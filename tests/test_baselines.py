@@ -11,7 +11,7 @@ from distill_forget.distill.global_batch import GlobalBatch
 from distill_forget.distill.networks import Denoiser, PromptEncoder
 from distill_forget.distill.objectives import ESD, ConceptAblation, StartingPointPenalty
 from distill_forget.distill.prompts import PromptGroups
-from distill_forget.distill.regularizers import KeyValueAnchor, ProtectedProjection, top_k_mask
+from distill_forget.distill.regularizers import KeyValueAnchor, LowRankChange, ProtectedProjection, top_k_mask
 from distill_forget.distill.step import build_module, make_trainer, plan_together, step_indices
 from distill_forget.merging import merge_states, trim
 from distill_forget.pipelines import load_pipeline
@@ -379,3 +379,31 @@ def test_the_held_start_token_keeps_its_key_value_and_output(tiny_pipeline_dir):
             results[hold] = start_token_change(before, module.unet, start)
     assert results[True] < 1e-5, results
     assert results[False] > 1e-2, results  # the same training moves them without the hold
+
+
+def test_a_low_rank_change_stays_within_its_rank(tiny_pipeline_dir):
+    """With update_rank=r every trained matrix ends at most rank r from the teacher's; without, the same
+    training changes them at higher rank."""
+    request = Request("circle", "object", neighbors=["ring"])
+    ranks = {}
+    for rank in (1, 0):
+        cfg = load_config("step", [*FAST, "steps=3", "lr=1e-2", "warmup=1", f"update_rank={rank}"])
+        module, _ = build_module(tiny_pipeline_dir, request, cfg, ["dots"])
+        before = dict(copy.deepcopy(module.unet).named_parameters())
+        make_trainer(cfg).fit(module, train_dataloaders=step_indices(cfg))
+        changes = [(p.detach() - before[n]).reshape(p.shape[0], -1) for n, p in module.unet.named_parameters()
+                   if p.requires_grad and p.dim() >= 2]  # fmt: skip
+        ranks[rank] = [int(torch.linalg.matrix_rank(c.double(), rtol=1e-4)) for c in changes]
+    assert max(ranks[1]) == 1, ranks[1]
+    assert max(ranks[0]) > 1, ranks[0]
+
+
+def test_update_rank_below_one_is_refused():
+    with pytest.raises(ValueError, match="update_rank must be >= 1"):
+        LowRankChange(nn.Linear(4, 4), nn.Linear(4, 4), 0)
+
+
+def test_a_low_rank_change_is_refused_with_selective_fine_tuning(tiny_pipeline_dir):
+    cfg = load_config("step", [*FAST, "update_rank=2", "regularizers.selective.fraction=0.2"])
+    with pytest.raises(ValueError, match=r"update_rank and regularizers\.selective cannot both be on"):
+        build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])

@@ -1221,3 +1221,20 @@ def test_short_run_step_writes_a_stock_pipeline_folder(tiny_pipeline_dir, tmp_pa
         assert sampling == groups * cfg.replay.bank_size * cfg.sampling_steps
     else:
         assert sampling == 2 * 3 * cfg.batch * cfg.sampling_steps
+
+
+def test_the_anchor_on_padding_holds_only_the_states_after_each_end_token(tiny_pipeline_dir):
+    request = Request("circle", "object", neighbors=["ring"])
+    settings = ["trainable=cross_attention_kv", "regularizers.key_value_anchor.weight=1"]
+    module, _ = build_module(tiny_pipeline_dir, request, fast_cfg(*settings), ["dots"])
+    module.setup("fit")
+    every = module.anchored_states(["retain", "neighbor"], "all")
+    padding = module.anchored_states(["retain", "neighbor"], "padding")
+    prompts = module.groups.retain + module.groups.neighbor
+    tokenizer = module.encoder.tokenizer
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]  # start, words, end
+    assert padding.shape == (sum(every.shape[1] - n for n in lengths), every.shape[-1])
+    assert torch.equal(padding[: every.shape[1] - lengths[0]], every[0, lengths[0]:])  # the first prompt's padding
+    end_only = fast_cfg(*settings, "regularizers.key_value_anchor.tokens=end")
+    with pytest.raises(ValueError, match=r"key_value_anchor\.tokens must be all or padding"):
+        build_module(tiny_pipeline_dir, request, end_only, ["dots"])

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.config import read_config
 from distill_forget.distill.global_batch import GlobalBatch
-from distill_forget.distill.networks import Blend, Condition, Denoiser, PromptEncoder
+from distill_forget.distill.networks import Blend, Condition, Denoiser, PromptEncoder, token_ids
 from distill_forget.distill.objectives import (
     ESD,
     ConceptAblation,
@@ -34,6 +34,7 @@ from distill_forget.distill.prompts import PromptGroups
 from distill_forget.distill.regularizers import (
     KEY_VALUE,
     KeyValueAnchor,
+    LowRankChange,
     ProtectedProjection,
     SelectiveMask,
     StartTokenHold,
@@ -294,6 +295,13 @@ class DistillForgetModule(L.LightningModule):
                 f"regularizers.key_value_anchor.forgotten_weight must be > 0 "
                 f"(got {regs.key_value_anchor.forgotten_weight}; to hold none of them, leave forgotten out of protect)"
             )
+        if cfg.update_rank and regs.selective.fraction:
+            raise ValueError("update_rank and regularizers.selective cannot both be on: a low-rank change is not "
+                             "sparse")
+        if regs.key_value_anchor.tokens not in ("all", "padding"):
+            raise ValueError(
+                f"regularizers.key_value_anchor.tokens must be all or padding (got {regs.key_value_anchor.tokens!r})"
+            )
         unknown = [g for g in regs.key_value_anchor.held_at_base if g not in BASE_HOLDABLE_GROUPS]
         if unknown:
             raise ValueError(
@@ -328,6 +336,7 @@ class DistillForgetModule(L.LightningModule):
         self.projection: ProtectedProjection | None = None
         self.key_value_anchor: KeyValueAnchor | None = None
         self.start_token_hold: StartTokenHold | None = None
+        self.low_rank: LowRankChange | None = None
         self.weights = {
             "forget": cfg.lambda_f,
             "retain": cfg.lambda_r,
@@ -440,6 +449,10 @@ class DistillForgetModule(L.LightningModule):
         if self.cfg.hold_start_token:
             start = self.text_states("unconditional")[0, 0]
             self.start_token_hold = StartTokenHold(self.unet, self.teacher.unet, start)
+        if self.cfg.update_rank:
+            self.low_rank = LowRankChange(self.unet, self.teacher.unet, self.cfg.update_rank)
+            print(f"[step] the change of {len(self.low_rank.held)} trained matrices is kept to rank "
+                  f"{self.cfg.update_rank}", flush=True)  # fmt: skip
         if regs.projection.enabled:
             states = torch.cat([self.text_states(g) for g in self.protected_groups("projection")])
             self.projection = ProtectedProjection(self.unet, states, regs.projection.dedup_cosine)
@@ -449,7 +462,7 @@ class DistillForgetModule(L.LightningModule):
             parts = self.anchor_parts()
             self.key_value_anchor = KeyValueAnchor(self.unet, parts)
             counts = ", ".join(
-                f"{s.shape[0] * s.shape[1]} at {'M_0' if ref is not self.teacher.unet else 'the teacher'}"
+                f"{s.shape[:-1].numel()} at {'M_0' if ref is not self.teacher.unet else 'the teacher'}"
                 + (f" x {w:g}" if w != 1.0 else "")
                 for ref, s, w in parts
             )
@@ -473,7 +486,19 @@ class DistillForgetModule(L.LightningModule):
             (self.teacher.unet, [g for g in groups if g not in base_groups and g != "forgotten"], 1.0),
             (self.teacher.unet, [g for g in groups if g == "forgotten"], anchor.forgotten_weight),
         ]
-        return [(ref, torch.cat([self.text_states(g) for g in names]), w) for ref, names, w in held if names]
+        return [(ref, self.anchored_states(names, anchor.tokens), w) for ref, names, w in held if names]
+
+    def anchored_states(self, groups: list[str], tokens: str) -> torch.Tensor:
+        """The groups' token states the key-value anchor holds: every token's, or (`tokens: padding`) only those
+        after each prompt's end token, which the causal text encoder makes from the whole sentence."""
+        states = torch.cat([self.text_states(g) for g in groups])
+        if tokens == "all":
+            return states
+        tokenizer = getattr(self.encoder, "tokenizer", None) or self.encoder.tokenizers[0]
+        prompts = [p for g in groups for p in self.groups.as_dict()[g]]
+        ids = token_ids(tokenizer, prompts, "cpu")
+        end = (ids == tokenizer.eos_token_id).int().argmax(1, keepdim=True)
+        return states[(torch.arange(ids.shape[1]) > end).to(states.device)]
 
     def protected_groups(self, regularizer: str) -> list[str]:
         """The prompt groups `regularizers.<regularizer>.protect` names that the step has (by default: retained
@@ -616,6 +641,8 @@ class DistillForgetModule(L.LightningModule):
             self.projection.project_update(self.unet, self.teacher.unet)
         if self.start_token_hold is not None:
             self.start_token_hold.hold()
+        if self.low_rank is not None:
+            self.low_rank.hold()
         if self.weight_average is not None:
             self.weight_average.update()
 

@@ -13,6 +13,8 @@ And, not published:
                          squares (`regularizers.key_value_anchor`)
     StartTokenHold       the start token's key and value in every cross-attention layer stay
                          the teacher's (`step.hold_start_token`)
+    LowRankChange        every trained matrix's change from the teacher is cut to its best
+                         rank-r approximation after each optimizer step (`step.update_rank`)
 
 All leave the weights they do not allow to change exactly at the reference (the frozen
 teacher, M_{i-1}): AdamW's per-element scaling and weight decay would otherwise move them.
@@ -240,3 +242,29 @@ class StartTokenHold:
             weight.copy_((r + change - torch.outer(change @ unit, unit)).to(weight.dtype))
         for bias, reference in self.biases:
             bias.copy_(reference)
+
+
+class LowRankChange:
+    """Every trained matrix W changes from its reference R by at most rank r: after each optimizer step,
+    W <- R + the best rank-r approximation of W - R (truncated SVD, Eckart-Young). A concept's edit in
+    closed-form methods (UCE, MACE) is of low rank in each cross-attention projection; a full-rank change
+    also moves directions no training prompt reads. Vectors (biases, norms) are left free. The
+    reference is the frozen teacher."""
+
+    def __init__(self, unet: torch.nn.Module, reference: torch.nn.Module, rank: int):
+        if rank < 1:
+            raise ValueError(f"update_rank must be >= 1 (got {rank}; 0 turns it off)")
+        references = dict(reference.named_parameters())
+        self.rank = rank
+        self.held = [(p, references[n]) for n, p in unet.named_parameters() if p.requires_grad and p.dim() >= 2]
+
+    @torch.no_grad()
+    def hold(self) -> None:
+        for weight, reference in self.held:
+            r = reference.to(weight.device).float()
+            change = (weight.float() - r).reshape(weight.shape[0], -1)
+            if min(change.shape) <= self.rank:
+                continue
+            u, s, vh = torch.linalg.svd(change, full_matrices=False)
+            kept = (u[:, : self.rank] * s[: self.rank]) @ vh[: self.rank]
+            weight.copy_((r + kept.reshape(weight.shape)).to(weight.dtype))
