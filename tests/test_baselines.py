@@ -403,7 +403,15 @@ def test_update_rank_below_one_is_refused():
         LowRankChange(nn.Linear(4, 4), nn.Linear(4, 4), 0)
 
 
-def test_a_low_rank_change_is_refused_with_selective_fine_tuning(tiny_pipeline_dir):
-    cfg = load_config("step", [*FAST, "update_rank=2", "regularizers.selective.fraction=0.2"])
-    with pytest.raises(ValueError, match=r"update_rank and regularizers\.selective cannot both be on"):
+@pytest.mark.parametrize(
+    ("settings", "refusal"),
+    [
+        (["update_rank=2", "regularizers.selective.fraction=0.2"], r"update_rank and regularizers\.selective cannot"),
+        (["update_rank=2", "strategy=fsdp"], "update_rank decomposes whole matrices: not with strategy=fsdp"),
+        (["update_rank=-1"], "update_rank must be >= 0"),
+    ],
+)
+def test_a_low_rank_change_is_refused_where_it_cannot_hold(tiny_pipeline_dir, settings, refusal):
+    cfg = load_config("step", [*FAST, *settings])
+    with pytest.raises(ValueError, match=refusal):
         build_module(tiny_pipeline_dir, Request("circle", "object", neighbors=["ring"]), cfg, ["dots"])

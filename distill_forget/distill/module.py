@@ -255,6 +255,10 @@ class DistillForgetModule(L.LightningModule):
             raise ValueError(f"weight_average must be in [0, 1): the average's decay per step, 0 off (got {got})")
         if cfg.weight_average and cfg.strategy == "fsdp":
             raise ValueError("weight_average averages whole parameters: not with strategy=fsdp, which shards them")
+        if cfg.update_rank < 0:
+            raise ValueError(f"update_rank must be >= 0: the rank kept, 0 off (got {cfg.update_rank})")
+        if cfg.update_rank and cfg.strategy == "fsdp":
+            raise ValueError("update_rank decomposes whole matrices: not with strategy=fsdp, which shards them")
         trained = [p for p in self.unet.parameters() if p.requires_grad]  # still the teacher's weights
         self.weight_average = WeightAverage(trained, cfg.weight_average) if cfg.weight_average else None
         self.student = Denoiser(self.unet)
