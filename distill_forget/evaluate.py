@@ -49,13 +49,14 @@ def grid_prompts(seeds) -> list[dict]:
 
 @torch.no_grad()
 def generate(pipe, items: list[dict], steps: int, guidance_scale: float, batch: int) -> torch.Tensor:
-    """uint8 images (N, 3, H, W), image i from its own seed, independent of batching."""
+    """uint8 images (N, 3, H, W), image i from its own seed, independent of batching; each item's
+    prompt is the evaluation's sentence, or its own `template` where it holds one."""
     device = pipe.device
     out = []
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
         result = pipe(
-            [concepts.eval_prompt(it["object"], it["style"]) for it in chunk],
+            [it.get("template", concepts.EVAL_TEMPLATE).format(object=it["object"], style=it["style"]) for it in chunk],
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=[torch.Generator(device).manual_seed(it["seed"]) for it in chunk],

@@ -2,6 +2,7 @@
 
     python -m distill_forget.quality_noise RUN/steps/03-stripes [RUN/steps/08-heart ...]
                                           [--base FOLDER] [--seeds 12] [--judge SPEC] [--base-cache FILE]
+                                          [--template "a drawing of a {object} in {style} style"]
 
 The loop's quality figure is the Frechet distance, in the judge's feature space, between the
 images of the retained (object, style) pairs under the evaluation seeds and as many real
@@ -20,6 +21,10 @@ FILE` keeps them in FILE: a later call with the same base weights (their content
 seeds and sampler settings reads them from there instead of drawing them again; where any of
 those differs, or the file is unreadable, it draws them again and replaces the file (written whole
 under a temporary name).
+
+`--template` draws every image, the base model's too, from another sentence for the same pairs
+(MiniCanvas's words, `{object}` and `{style}` in it): how the rise reads on a sentence other than
+the evaluation's. That is not the loop's quality figure, whose bar reads the evaluation's sentence.
 """
 
 import argparse
@@ -29,6 +34,7 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import MINICANVAS_DIR, load_config
+from distill_forget.distill.prompts import check_pair_templates
 from distill_forget.evaluate import (
     frechet_distance_to,
     generate,
@@ -130,7 +136,14 @@ def main(argv=None) -> None:
     parser.add_argument("--judge", default=None, help="default: the shipped MiniCanvas judge")
     parser.add_argument("--base-cache", type=Path, default=None,
                         help="a file keeping the base model's images between calls (drawn again where they differ)")
+    parser.add_argument("--template", default=None,
+                        help="draw the images from this sentence for the pairs (default: the evaluation's)")
     args = parser.parse_args(argv)
+    if args.template is not None:
+        try:
+            check_pair_templates([args.template], "--template", allow_evaluation=True)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
     try:
@@ -140,6 +153,9 @@ def main(argv=None) -> None:
     forgotten = {step: forgotten_of(step) for step in args.steps}
     judge = load_judge(args.judge).eval()
     items = grid_prompts(seeds)
+    if args.template is not None:
+        items = [{**item, "template": args.template} for item in items]
+        print(f"every image from {args.template!r}, not the evaluation's sentence: not the loop's figure")
     base = base_images(args.base, items, cfg, args.base_cache)
     for step, concepts in forgotten.items():
         keep = retained_rows(items, concepts)

@@ -7,7 +7,14 @@ import torch
 from distill_forget.config import load_config
 from distill_forget.evaluate import evaluate_pipeline, generate, grid_prompts, load_judge, retained_rows
 from distill_forget.pipelines import load_pipeline
-from distill_forget.quality_noise import base_images, forgotten_of, group_sizes, rise_by_sample_size, study_seeds
+from distill_forget.quality_noise import (
+    base_images,
+    forgotten_of,
+    group_sizes,
+    main,
+    rise_by_sample_size,
+    study_seeds,
+)
 from distill_forget.world import concepts
 
 
@@ -27,6 +34,8 @@ def test_a_folder_that_is_no_step_is_refused_by_name(tmp_path):
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "metrics.json").write_text('{"forgotten": ["dots", "star"]}')
     assert forgotten_of(tmp_path) == ["dots", "star"]
+    with pytest.raises(SystemExit, match=r"--template: 'a \{object\}' must hold"):
+        main([str(tmp_path), "--template", "a {object}"])
 
 
 def test_first_group_is_the_loops_figure_and_a_model_against_itself_rises_by_nothing(tiny_pipeline_dir):
@@ -71,3 +80,9 @@ def test_the_base_images_are_kept_and_drawn_again_only_where_they_would_differ(t
     cache.write_bytes(b"not a torch file")  # a damaged file is drawn again, not an error
     assert torch.equal(base_images(tiny_pipeline_dir, items, cfg, cache), drawn)
     assert "unreadable" in capsys.readouterr().out
+    # another sentence for the same pairs draws other images, and is kept apart from the evaluation's
+    other_sentence = [{**item, "template": "a drawing of a {object} in {style} style"} for item in items]
+    assert not torch.equal(base_images(tiny_pipeline_dir, other_sentence, cfg, cache), drawn)
+    assert "drawing them again" in capsys.readouterr().out
+    evaluation_sentence = [{**item, "template": concepts.EVAL_TEMPLATE} for item in items]
+    assert torch.equal(generate(load_pipeline(tiny_pipeline_dir), evaluation_sentence, 2, cfg.guidance_scale, 2), drawn)

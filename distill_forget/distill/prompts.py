@@ -115,15 +115,15 @@ def replayable_concepts(fraction: float, seed: int) -> set[str]:
     return chosen
 
 
-def check_pair_templates(templates, setting: str = "retain.extra_templates") -> list[str]:
+def check_pair_templates(templates, setting: str = "retain.extra_templates", allow_evaluation=False) -> list[str]:
     """Sentence forms for the retained pairs, checked: each holds {object} and {style} and is not the
-    evaluation's sentence (retention is measured on a sentence no training prompt holds), and its
-    words are MiniCanvas's."""
+    evaluation's sentence (retention is measured on a sentence no training prompt holds; a reading
+    that trains nothing may `allow_evaluation`), and its words are MiniCanvas's."""
     templates, known = list(templates), concepts.vocabulary()
     for template in templates:
         if not concepts.is_pair_template(template):
             raise ValueError(f"{setting}: {template!r} must hold {{object}} and {{style}}")
-        if " ".join(template.split()) == concepts.EVAL_TEMPLATE:
+        if not allow_evaluation and " ".join(template.split()) == concepts.EVAL_TEMPLATE:
             raise ValueError(f"{setting}: {template!r} is the evaluation's sentence (no training prompt holds it)")
         unknown = [w for w in template.replace("{object}", " ").replace("{style}", " ").split() if w not in known]
         if unknown:
