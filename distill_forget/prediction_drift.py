@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import load_config
-from distill_forget.distill.networks import prompt_encoder, token_ids
+from distill_forget.distill.networks import prompt_encoder, tokens_and_end
 from distill_forget.distill.objectives import per_sample, per_sample_spatial_mean
 from distill_forget.distill.regularizers import anchored_map
 from distill_forget.evaluate import retained_pairs
@@ -123,9 +123,8 @@ def value_path_change(teacher, student, prompts: list[str], concept: str) -> dic
         change += (states @ (after - before).T).pow(2).sum(-1)
         size += (states @ before.T).pow(2).sum(-1)
     ratio = (change / size).sqrt()
-    ids = token_ids(teacher.tokenizer, prompts, "cpu")
+    ids, end = tokens_and_end(teacher.tokenizer, prompts)
     position = torch.arange(ids.shape[1]).expand_as(ids)
-    end = (ids == teacher.tokenizer.eos_token_id).int().argmax(1, keepdim=True)
     own = torch.isin(ids, torch.tensor(teacher.tokenizer(concept, add_special_tokens=False).input_ids))
     groups = {
         "start": position == 0,

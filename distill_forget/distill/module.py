@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.config import read_config
 from distill_forget.distill.global_batch import GlobalBatch
-from distill_forget.distill.networks import Blend, Condition, Denoiser, PromptEncoder, token_ids
+from distill_forget.distill.networks import Blend, Condition, Denoiser, PromptEncoder, tokens_and_end
 from distill_forget.distill.objectives import (
     ESD,
     ConceptAblation,
@@ -500,8 +500,7 @@ class DistillForgetModule(L.LightningModule):
             return states
         tokenizer = getattr(self.encoder, "tokenizer", None) or self.encoder.tokenizers[0]
         prompts = [p for g in groups for p in self.groups.as_dict()[g]]
-        ids = token_ids(tokenizer, prompts, "cpu")
-        end = (ids == tokenizer.eos_token_id).int().argmax(1, keepdim=True)
+        ids, end = tokens_and_end(tokenizer, prompts)
         return states[(torch.arange(ids.shape[1]) > end).to(states.device)]
 
     def protected_groups(self, regularizer: str) -> list[str]:

@@ -165,6 +165,13 @@ def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return tokens.input_ids.to(device)
 
 
+def tokens_and_end(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, max length) token ids on the CPU, and each prompt's end-token position (N, 1): the tokens
+    before it are the prompt's words, those after it padding."""
+    ids = token_ids(tokenizer, prompts, "cpu")
+    return ids, (ids == tokenizer.eos_token_id).int().argmax(1, keepdim=True)
+
+
 def prompt_encoder(pipe, device="cpu") -> PromptEncoder:
     """The prompt encoder for a pipeline's components, its text encoders moved to `device`."""
     if getattr(pipe, "text_encoder_2", None) is None:
