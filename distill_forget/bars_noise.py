@@ -2,6 +2,7 @@
 
     python -m distill_forget.bars_noise RUN [--seeds 12] [--steps 01-dots 05-neon ...] [--judge SPEC]
                                            [--base-from OTHER_RUN]
+                                           [--template "a drawing of a {object} in {style} style"]
 
 The loop reads UA, IRA, CRA and NRA from one image per (object, style, seed) under the evaluation
 seeds: 36 images of each concept with three seeds. One student reads differently on other seeds,
@@ -23,6 +24,11 @@ against the bars of `check.bars` in the run's config, and, pooled, how many imag
 as it (which forgotten concepts are still drawn, which others are drawn less than by the base model). Results:
 RUN/bars_noise/bars_noise.json and bars_noise.md.
 
+`--template` draws every image, the base model's and the evaluation seeds' too, from another
+sentence for the same pairs (MiniCanvas's words, `{object}` and `{style}` in it): whether a
+concept stays forgotten, and the others kept, in a sentence other than the one the loop reads.
+Its judgements and results live in a folder of their own, RUN/bars_noise/sentence-<words>/.
+
 The quality figure's noise is `python -m distill_forget.quality_noise`'s.
 """
 
@@ -36,11 +42,13 @@ from omegaconf import OmegaConf
 
 from distill_forget.check import CHECKED, against_bars
 from distill_forget.config import read_config, resolve_model_dir
+from distill_forget.distill.prompts import check_pair_templates
 from distill_forget.evaluate import generate, grid_prompts, judge_images, judged_records, load_judge
 from distill_forget.ledger import LEDGER_NAME, Ledger, LedgerError, weights_hash
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.storage import atomic_file, write_json
+from distill_forget.world.concepts import EVAL_TEMPLATE
 
 
 def study_seeds(run_cfg, count: int) -> list[int]:
@@ -53,9 +61,10 @@ def study_seeds(run_cfg, count: int) -> list[int]:
     return evaluation + list(range(start, start + count - len(evaluation)))
 
 
-def read_cache(path: Path, weights: str, say=print) -> list[dict]:
-    """The judgements kept in `path`; none when they were drawn from other weights than `weights`.
-    A file from before the weights were recorded is taken as it is."""
+def read_cache(path: Path, weights: str, say=print, template: str | None = None) -> list[dict]:
+    """The judgements kept in `path`; none when they were drawn from other weights than `weights` or from another
+    sentence than `template` (None: the evaluation's). A file from before the weights were recorded is taken as it
+    is."""
     try:
         cached = json.loads(path.read_text())
         judged = cached["judged"]
@@ -65,6 +74,10 @@ def read_cache(path: Path, weights: str, say=print) -> list[dict]:
         say(f"  {path}: drawn from other weights than the model's now (a folder replaced since, "
             "or a file copied from another run); drawing again", flush=True)  # fmt: skip
         return []
+    if cached.get("template") != template:
+        say(f"  {path}: drawn from the sentence {cached.get('template') or EVAL_TEMPLATE!r}, not "
+            f"{template or EVAL_TEMPLATE!r}; drawing again", flush=True)  # fmt: skip
+        return []
     return judged
 
 
@@ -72,6 +85,26 @@ def read_cache(path: Path, weights: str, say=print) -> list[dict]:
 # and with the judge, their judgements too
 SAMPLED_WITH = ("sampling_steps", "guidance_scale")
 DRAWN_WITH = (*(f"evaluate.{key}" for key in SAMPLED_WITH), "judge")
+RESULTS = "bars_noise"  # RUN/bars_noise: the judgements kept and the results
+
+
+def sentence_folder(template: str | None) -> str:
+    """Where a reading in another sentence keeps its judgements and results, below RUN/bars_noise ("" for the
+    evaluation's sentence): `sentence-` and the sentence's words, the slots as OBJECT and STYLE."""
+    if template is None:
+        return ""
+    words = template.replace("{object}", " OBJECT ").replace("{style}", " STYLE ").replace(",", " comma ").split()
+    return "sentence-" + "-".join(words)
+
+
+def other_sentence(template: str | None) -> str | None:
+    """`--template` checked; None where it is absent or is the evaluation's sentence itself."""
+    if template is None or " ".join(template.split()) == EVAL_TEMPLATE:
+        return None
+    try:
+        return check_pair_templates([template], "--template", allow_evaluation=True)[0]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def run_config(run: Path):
@@ -82,11 +115,12 @@ def run_config(run: Path):
     return OmegaConf.merge(read_config("train"), OmegaConf.load(run / "config.yaml"))
 
 
-def take_base_from(other: Path, run_cfg, weights: str, cache: Path, say=print) -> None:
-    """Another run's kept judgements of the starting model (`other`/bars_noise/base.json) joined to this run's
-    (`cache`), so that they are not drawn again. Refused unless they were drawn from the same weights, with the
-    same sampler settings and judge; seeds this run already holds keep this run's judgements."""
-    source = other / "bars_noise" / "base.json"
+def take_base_from(other: Path, run_cfg, weights: str, cache: Path, say=print, template: str | None = None) -> None:
+    """Another run's kept judgements of the starting model (`other`/bars_noise/base.json, or the sentence's folder
+    there) joined to this run's (`cache`), so that they are not drawn again. Refused unless they were drawn from the
+    same weights and sentence, with the same sampler settings and judge; seeds this run already holds keep this
+    run's judgements."""
+    source = other / RESULTS / sentence_folder(template) / "base.json"
     if not source.is_file():
         raise SystemExit(f"--base-from {other}: {source} is missing (read that run with bars_noise first)")
     other_cfg = run_config(other)
@@ -94,34 +128,45 @@ def take_base_from(other: Path, run_cfg, weights: str, cache: Path, say=print) -
         mine, theirs = OmegaConf.select(run_cfg, key), OmegaConf.select(other_cfg, key)
         if mine != theirs:
             raise SystemExit(f"--base-from {other}: its {key} is {theirs}, this run's {mine}: its images differ")
-    taken = read_cache(source, weights, say=lambda *a, **k: None)
+    taken = read_cache(source, weights, say=lambda *a, **k: None, template=template)
     if not taken:
-        raise SystemExit(f"--base-from {other}: its starting model's judgements were drawn from other weights")
-    held = read_cache(cache, weights, say) if cache.is_file() else []
+        raise SystemExit(f"--base-from {other}: its starting model's judgements were drawn from other weights "
+                         "or another sentence")  # fmt: skip
+    held = read_cache(cache, weights, say, template) if cache.is_file() else []
     seeds = {r["seed"] for r in held}
     judged = held + [r for r in taken if r["seed"] not in seeds]
-    write_json(cache, {"model": str(run_cfg.model), "weights": weights, "judged": judged})
+    write_json(cache, {"model": str(run_cfg.model), "weights": weights, "template": template, "judged": judged})
     added = len({r["seed"] for r in judged}) - len(seeds)
     say(f"  base: {added} seed(s) of judgements taken from {source}", flush=True)
 
 
 def judged_on(
-    pipeline_dir: Path, weights: str, reused: list[dict], seeds: list[int], cache: Path, judge, cfg, say=print
+    pipeline_dir: Path,
+    weights: str,
+    reused: list[dict],
+    seeds: list[int],
+    cache: Path,
+    judge,
+    cfg,
+    say=print,
+    template: str | None = None,
 ) -> list[dict]:
     """The judge's reading of every grid image of `pipeline_dir` (whose weights hash `weights`) under `seeds`,
-    one record per image.
+    one record per image, each drawn from `template` (None: the evaluation's sentence).
 
-    Records of `reused` (the evaluation's) and of the cache (when drawn from these weights) are taken
-    as they are; the other seeds' images are drawn and judged, and the cache is rewritten whole with them.
+    Records of `reused` (the evaluation's) and of the cache (when drawn from these weights and sentence) are
+    taken as they are; the other seeds' images are drawn and judged, and the cache is rewritten whole with them.
     """
     known: dict[int, list[dict]] = {}
-    for record in reused + (read_cache(cache, weights, say) if cache.is_file() else []):
+    for record in reused + (read_cache(cache, weights, say, template) if cache.is_file() else []):
         known.setdefault(record["seed"], []).append(record)
     missing = [s for s in seeds if s not in known]
     if missing:
         say(f"  {cache.stem}: drawing seeds {missing[0]}-{missing[-1]} ...", flush=True)
         started = time.time()
         items = grid_prompts(missing)
+        if template is not None:
+            items = [{**item, "template": template} for item in items]
         images = generate(
             load_pipeline(pipeline_dir, pick_device(cfg.device)),
             items,
@@ -133,7 +178,7 @@ def judged_on(
             known.setdefault(record["seed"], []).append(record)
         reused_seeds = {r["seed"] for r in reused}
         drawn = [r for s in sorted(known) if s not in reused_seeds for r in known[s]]
-        write_json(cache, {"model": str(pipeline_dir), "weights": weights, "judged": drawn})
+        write_json(cache, {"model": str(pipeline_dir), "weights": weights, "template": template, "judged": drawn})
         say(f"  {len(images)} images in {time.time() - started:.0f} s", flush=True)
     return [r for s in seeds for r in known[s]]
 
@@ -190,19 +235,23 @@ def where_drawn(counts: dict[str, dict], most: int = 5) -> tuple[str, str]:
     return still, less or "none"
 
 
-def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict]) -> str:
+def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict], template: str | None = None) -> str:
+    first = "the loop's reading" if template is None else "the evaluation seeds' reading"
     lines = [
         f"# How the bars' figures move by chance: {run}",
         "",
         (
-            f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); groups of {group} (the first is the loop's reading). "
-            "Each cell: all seeds pooled, the loop's reading, [lowest - highest group], groups under the bar / groups. "
+            f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); groups of {group} (the first is {first}). "
+            f"Each cell: all seeds pooled, {first}, [lowest - highest group], groups under the bar / groups. "
             "UA in %; IRA, CRA, NRA in % of the base model's on the same seeds."
         ),
         "",
+        *(() if template is None else (
+            f"Every image from {template!r}, the base model's too: not the sentence the loop reads.", "")),
         "| request | concept | " + " | ".join(name.upper() for name in CHECKED) + " |",
         "|---" * (2 + len(CHECKED)) + "|",
     ]
+    first_label = "loop" if template is None else f"seeds {seeds[0]}-{seeds[group - 1]}"
     for row in rows:
         cells = []
         for name in CHECKED:
@@ -212,7 +261,8 @@ def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict]) -
                 continue
             under = "" if bar["bar"] is None else f" {bar['groups_under']}/{len(bar['groups'])}"
             groups = bar["groups"]
-            cells.append(f"{bar['pooled']:.1f} (loop {groups[0]:.1f}) [{min(groups):.1f} - {max(groups):.1f}]{under}")
+            spread = f"[{min(groups):.1f} - {max(groups):.1f}]"
+            cells.append(f"{bar['pooled']:.1f} ({first_label} {groups[0]:.1f}) {spread}{under}")
         lines.append(f"| {row['index']} | {row['concept']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -291,7 +341,10 @@ def main(argv=None) -> None:
     parser.add_argument("--base-from", type=Path, default=None,
                         help="another run folder read by bars_noise, of the same starting model: its judgements of "
                              "that model are reused instead of drawn again")  # fmt: skip
+    parser.add_argument("--template", default=None,
+                        help="draw every image from this sentence for the pairs (default: the evaluation's)")
     args = parser.parse_args(argv)
+    template = other_sentence(args.template)
     for needed in ("config.yaml", "base/metrics.json", LEDGER_NAME):
         if not (args.run / needed).is_file():
             raise SystemExit(f"{args.run} is not an evaluated run folder ({needed} is missing)")
@@ -308,17 +361,23 @@ def main(argv=None) -> None:
     cfg = run_cfg.evaluate
     judge = load_judge(args.judge or run_cfg.judge).eval()
     bars = dict(run_cfg.check.bars)
-    out = args.run / "bars_noise"
+    out = args.run / RESULTS / sentence_folder(template)
     print(f"reading {args.run}: base and {len(steps)} steps under {len(seeds)} seeds", flush=True)
+    if template is not None:
+        print(f"every image from {template!r}, the evaluation seeds' too: not the sentence the loop reads", flush=True)
     if args.base_from is not None:
-        take_base_from(args.base_from, run_cfg, base_weights, out / "base.json")
+        take_base_from(args.base_from, run_cfg, base_weights, out / "base.json", template=template)
+
+    def evaluation_judged(evaluation: dict) -> list[dict]:  # the loop's images are the evaluation sentence's
+        return evaluation["judged"] if template is None else []
+
     base_evaluation = json.loads((args.run / "base" / "metrics.json").read_text())
-    base_judged = judged_on(model_dir, base_weights, base_evaluation["judged"], seeds, out / "base.json", judge, cfg)
+    base_judged = judged_on(model_dir, base_weights, evaluation_judged(base_evaluation), seeds, out / "base.json",
+                            judge, cfg, template=template)  # fmt: skip
     rows = []
     for step, evaluation in evaluations.items():
-        judged = judged_on(
-            step / "pipeline", step_weights[step], evaluation["judged"], seeds, out / f"{step.name}.json", judge, cfg
-        )
+        judged = judged_on(step / "pipeline", step_weights[step], evaluation_judged(evaluation), seeds,
+                           out / f"{step.name}.json", judge, cfg, template=template)  # fmt: skip
         sets = {k: evaluation[k] for k in ("forgotten", "neighbors", "replayed")}
         index, concept = step_request(step)
         noise = step_noise(judged, base_judged, sets, judge.domains, seeds, len(cfg.seeds), bars)
@@ -327,9 +386,9 @@ def main(argv=None) -> None:
         print(f"{step.name}: " + ", ".join(f"{k} {v['pooled']:.1f} [{min(v['groups']):.1f}-{max(v['groups']):.1f}]"
                                            for k, v in noise.items()), flush=True)  # fmt: skip
     write_json(out / "bars_noise.json", {"run": str(args.run), "seeds": seeds, "group": len(cfg.seeds), "bars": bars,
-                                         "steps": rows})  # fmt: skip
+                                         "template": template, "steps": rows})  # fmt: skip
     with atomic_file(out / "bars_noise.md") as tmp:
-        tmp.write_text(format_markdown(args.run, seeds, len(cfg.seeds), rows))
+        tmp.write_text(format_markdown(args.run, seeds, len(cfg.seeds), rows, template))
     print(f"results in {out / 'bars_noise.json'} and {out / 'bars_noise.md'}")
 
 

@@ -1,7 +1,7 @@
 """The bars' figures on more seeds: fresh seeds only, groups and pool computed as the loop does,
 the loop's own reading as the first group, the images of each concept counted, a rerun that draws
-nothing again, judgements of other weights drawn again, and steps the run's ledger does not record
-refused."""
+nothing again, judgements of other weights drawn again, steps the run's ledger does not record
+refused, and a reading in another sentence kept apart from the loop's."""
 
 import json
 import shutil
@@ -220,3 +220,38 @@ def test_a_step_or_model_other_than_the_ledger_records_is_refused_before_drawing
     (run / "ledger.jsonl").write_text((run / "ledger.jsonl").read_text().replace('"star"', '"heart"'))
     with pytest.raises(SystemExit, match="the run's ledger does not verify"):
         bars_noise.main([str(run), "--seeds", "2"])
+
+
+def test_another_sentence_draws_every_image_from_it_in_a_folder_of_its_own(evaluated_run, monkeypatch):
+    run, _, _ = evaluated_run
+    bars_noise.main([str(run), "--seeds", "2"])  # the evaluation's sentence: seed 0 is the loop's, 13 drawn
+    default = json.loads((run / "bars_noise" / "bars_noise.json").read_text())
+    sentence = "a drawing of a {object} in {style} style"
+    drawn = []
+    generate = bars_noise.generate
+
+    def recording(pipe, items, *args):
+        drawn.append(({item["seed"] for item in items}, {item.get("template") for item in items}))
+        return generate(pipe, items, *args)
+
+    monkeypatch.setattr(bars_noise, "generate", recording)
+    bars_noise.main([str(run), "--seeds", "2", "--template", sentence])
+    # nothing of the evaluation's is reused: both seeds drawn, for the base model and the step, from the sentence
+    assert drawn == [({0, 13}, {sentence})] * 2
+    out = run / "bars_noise" / "sentence-a-drawing-of-a-OBJECT-in-STYLE-style"
+    written = json.loads((out / "bars_noise.json").read_text())
+    assert written["template"] == sentence and written["seeds"] == [0, 13]
+    assert json.loads((out / "01-star.json").read_text())["template"] == sentence
+    assert "(seeds 0-0 " in (out / "bars_noise.md").read_text()
+    assert json.loads((run / "bars_noise" / "bars_noise.json").read_text()) == default  # left as it was
+
+    drawn.clear()
+    bars_noise.main([str(run), "--seeds", "2", "--template", sentence])
+    assert drawn == []  # a rerun reads its own folder's judgements
+    cache = out / "01-star.json"
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "template": None}))  # as if of the loop's sentence
+    bars_noise.main([str(run), "--seeds", "2", "--template", sentence])
+    assert drawn == [({0, 13}, {sentence})]
+
+    with pytest.raises(SystemExit, match=r"--template: 'a drawing of a \{object\}' must hold"):
+        bars_noise.main([str(run), "--template", "a drawing of a {object}"])
