@@ -42,8 +42,7 @@ from omegaconf import OmegaConf
 
 from distill_forget.check import CHECKED, against_bars
 from distill_forget.config import read_config, resolve_model_dir
-from distill_forget.distill.prompts import check_pair_templates
-from distill_forget.evaluate import generate, grid_prompts, judge_images, judged_records, load_judge
+from distill_forget.evaluate import generate, grid_prompts, judge_images, judged_records, load_judge, sentence_option
 from distill_forget.ledger import LEDGER_NAME, Ledger, LedgerError, weights_hash
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
@@ -95,16 +94,6 @@ def sentence_folder(template: str | None) -> str:
         return ""
     words = template.replace("{object}", " OBJECT ").replace("{style}", " STYLE ").replace(",", " comma ").split()
     return "sentence-" + "-".join(words)
-
-
-def other_sentence(template: str | None) -> str | None:
-    """`--template` checked; None where it is absent or is the evaluation's sentence itself."""
-    if template is None or " ".join(template.split()) == EVAL_TEMPLATE:
-        return None
-    try:
-        return check_pair_templates([template], "--template", allow_evaluation=True)[0]
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
 
 
 def run_config(run: Path):
@@ -164,9 +153,7 @@ def judged_on(
     if missing:
         say(f"  {cache.stem}: drawing seeds {missing[0]}-{missing[-1]} ...", flush=True)
         started = time.time()
-        items = grid_prompts(missing)
-        if template is not None:
-            items = [{**item, "template": template} for item in items]
+        items = grid_prompts(missing, template)
         images = generate(
             load_pipeline(pipeline_dir, pick_device(cfg.device)),
             items,
@@ -237,6 +224,8 @@ def where_drawn(counts: dict[str, dict], most: int = 5) -> tuple[str, str]:
 
 def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict], template: str | None = None) -> str:
     first = "the loop's reading" if template is None else "the evaluation seeds' reading"
+    sentence = [] if template is None else [f"Every image from {template!r}, the base model's too: not the sentence "
+                                            "the loop reads.", ""]  # fmt: skip
     lines = [
         f"# How the bars' figures move by chance: {run}",
         "",
@@ -246,8 +235,7 @@ def format_markdown(run: Path, seeds: list[int], group: int, rows: list[dict], t
             "UA in %; IRA, CRA, NRA in % of the base model's on the same seeds."
         ),
         "",
-        *(() if template is None else (
-            f"Every image from {template!r}, the base model's too: not the sentence the loop reads.", "")),
+        *sentence,
         "| request | concept | " + " | ".join(name.upper() for name in CHECKED) + " |",
         "|---" * (2 + len(CHECKED)) + "|",
     ]
@@ -344,7 +332,7 @@ def main(argv=None) -> None:
     parser.add_argument("--template", default=None,
                         help="draw every image from this sentence for the pairs (default: the evaluation's)")
     args = parser.parse_args(argv)
-    template = other_sentence(args.template)
+    template = sentence_option(args.template)
     for needed in ("config.yaml", "base/metrics.json", LEDGER_NAME):
         if not (args.run / needed).is_file():
             raise SystemExit(f"{args.run} is not an evaluated run folder ({needed} is missing)")

@@ -19,6 +19,7 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from distill_forget.config import MINICANVAS_DIR, load_config, resolve_model_dir
+from distill_forget.distill.prompts import check_pair_templates
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
 from distill_forget.report import format_counts
@@ -42,9 +43,22 @@ def load_judge(spec: str | None):
     return getattr(importlib.import_module(module_name), factory)()
 
 
-def grid_prompts(seeds) -> list[dict]:
-    """One entry per image to generate: its concepts per domain and its seed, in a fixed order."""
-    return [{"object": o, "style": s, "seed": int(seed)} for seed in seeds for o, s in grid_pairs()]
+def grid_prompts(seeds, template: str | None = None) -> list[dict]:
+    """One entry per image to generate: its concepts per domain and its seed, in a fixed order; with
+    `template`, each entry also holds that sentence, which `generate` then draws it from."""
+    sentence = {} if template is None else {"template": template}
+    return [{"object": o, "style": s, "seed": int(seed), **sentence} for seed in seeds for o, s in grid_pairs()]
+
+
+def sentence_option(template: str | None) -> str | None:
+    """A command's `--template`, checked (MiniCanvas's words, `{object}` and `{style}` in it; refused by
+    name otherwise); None where it is absent or is the evaluation's sentence itself."""
+    if template is None or " ".join(template.split()) == concepts.EVAL_TEMPLATE:
+        return None
+    try:
+        return check_pair_templates([template], "--template", allow_evaluation=True)[0]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 @torch.no_grad()

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from distill_forget.config import MINICANVAS_DIR, load_config
-from distill_forget.distill.prompts import check_pair_templates
 from distill_forget.evaluate import (
     frechet_distance_to,
     generate,
@@ -43,6 +42,7 @@ from distill_forget.evaluate import (
     real_renders,
     retained_pairs,
     retained_rows,
+    sentence_option,
 )
 from distill_forget.ledger import weights_hash
 from distill_forget.metrics import quality_rise
@@ -139,11 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--template", default=None,
                         help="draw the images from this sentence for the pairs (default: the evaluation's)")
     args = parser.parse_args(argv)
-    if args.template is not None:
-        try:
-            check_pair_templates([args.template], "--template", allow_evaluation=True)
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
+    template = sentence_option(args.template)
     cfg = load_config("evaluate", [])
     torch.set_num_threads(cfg.threads)
     try:
@@ -152,10 +148,9 @@ def main(argv=None) -> None:
         raise SystemExit(str(error)) from None
     forgotten = {step: forgotten_of(step) for step in args.steps}
     judge = load_judge(args.judge).eval()
-    items = grid_prompts(seeds)
-    if args.template is not None:
-        items = [{**item, "template": args.template} for item in items]
-        print(f"every image from {args.template!r}, not the evaluation's sentence: not the loop's figure")
+    items = grid_prompts(seeds, template)
+    if template is not None:
+        print(f"every image from {template!r}, not the evaluation's sentence: not the loop's figure")
     base = base_images(args.base, items, cfg, args.base_cache)
     for step, concepts in forgotten.items():
         keep = retained_rows(items, concepts)
