@@ -214,6 +214,25 @@ def test_extra_templates_add_retain_sentences_but_never_the_evaluations():
             plan_prompts(request, [], fast_cfg(f"retain.extra_templates=['{template}']"), distances=None, encoder=None)
 
 
+def test_concept_templates_write_the_forget_neighbour_and_forgotten_prompts_in_more_sentences():
+    request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", targets=["ring"])
+    plain, _ = plan_prompts(request, [earlier], fast_cfg(), distances=None, encoder=None)
+    groups, _ = plan_prompts(request, [earlier], fast_cfg("concept_templates=['a {style} style {object}']"),
+                             distances=None, encoder=None)  # fmt: skip
+    styles = {p.split(" in ")[1].removesuffix(" style") for p in plain.forget if p.startswith("a picture of a star in")}
+    for group, concept in (("forget", "star"), ("neighbor", "plus sign"), ("forgotten", "circle")):
+        added = [p for p in getattr(groups, group) if p not in getattr(plain, group)]
+        assert sorted(added) == sorted(f"a {s} style {concept}" for s in styles), group  # each replayed style once
+    # each new prompt mapped in its own form (fast_cfg's fixed target "" takes the concept out)
+    assert groups.mapped == [replace_concept(p, "star", "") for p in groups.forget]
+    assert groups.retain == plain.retain  # the retained pairs stay in the world's paraphrases (retain.extra_templates)
+    with pytest.raises(ValueError, match=r"concept_templates: .* is the evaluation's sentence"):
+        plan_prompts(request, [], fast_cfg(f"concept_templates=['{concepts.EVAL_TEMPLATE}']"), None, None)
+    real = Request("star", "other", prompts=["a star"])
+    with pytest.raises(ValueError, match=r"concept_templates writes MiniCanvas's concepts .* world='real'"):
+        plan_prompts(real, [], fast_cfg("world=real", "concept_templates=['{style} , {object}']"), None, None)
+
+
 def test_anchor_templates_write_the_retained_pairs_for_the_anchor_alone():
     request = Request("star", "object", neighbors=["plus sign"])
     plain, _ = plan_prompts(request, [], fast_cfg(), distances=None, encoder=None)

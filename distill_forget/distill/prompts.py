@@ -90,13 +90,15 @@ def concept_prompt(concept: str, kind: str) -> str:
     return concept
 
 
-def in_context(concept: str, kind: str, context: list[str]) -> list[str]:
-    """Training prompts naming `concept`: each paraphrase template with each `context` concept
-    (of the other kind), then the single-concept templates. Never the evaluation template."""
+def in_context(concept: str, kind: str, context: list[str], extra_templates=()) -> list[str]:
+    """Training prompts naming `concept`: each paraphrase template (and each of `extra_templates`,
+    checked by the caller) with each `context` concept (of the other kind), then the single-concept
+    templates. Never the evaluation template."""
+    templates = [*concepts.PARAPHRASE_TEMPLATES, *extra_templates]
     if kind == "object":
-        paired = [t.format(object=concept, style=c) for t in concepts.PARAPHRASE_TEMPLATES for c in context]
+        paired = [t.format(object=concept, style=c) for t in templates for c in context]
         return paired + [t.format(object=concept) for t in concepts.OBJECT_TEMPLATES]
-    paired = [t.format(object=c, style=concept) for t in concepts.PARAPHRASE_TEMPLATES for c in context]
+    paired = [t.format(object=c, style=concept) for t in templates for c in context]
     return paired + [t.format(style=concept) for t in concepts.STYLE_TEMPLATES]
 
 

@@ -115,7 +115,12 @@ def plan_prompts(
             # held-out concept appears in no training prompt at all.
             return [c for c in retain_replayed if concepts.kind_of(c) == other_kind(kind)]
 
-        forget = request.prompts or in_context(request.concept, request.kind, context(request.kind))
+        concept_forms = check_pair_templates(cfg.concept_templates, "concept_templates")
+
+        def named(concept: str, kind: str) -> list[str]:  # the prompts naming a concept in its world contexts
+            return in_context(concept, kind, context(kind), concept_forms)
+
+        forget = request.prompts or named(request.concept, request.kind)
         extra = cfg.retain.extra_templates
         retain = retain_prompts(retain_replayed, extra)
         fresh = set(retain_prompts([c for c in retain_replayed if c not in touched], extra))  # untouched concepts only
@@ -125,9 +130,9 @@ def plan_prompts(
         anchored = pair_prompts(retain_replayed, anchor_templates)
         # (concept, prompt): each named concept in its world contexts
         def rows_of(names: list[str]) -> list[tuple[str, str]]:
-            return [(n, p) for n in names for p in in_context(n, concepts.kind_of(n), context(concepts.kind_of(n)))]
+            return [(n, p) for n in names for p in named(n, concepts.kind_of(n))]
 
-        earlier_prompts = {f.concept: f.prompts or in_context(f.concept, f.kind, context(f.kind)) for f in forgotten}
+        earlier_prompts = {f.concept: f.prompts or named(f.concept, f.kind) for f in forgotten}
         # Unless `target.among_neighbors`, the protected neighbours are not offered as the
         # replacement; unless `target.reuse`, neither are the targets of earlier requests; with
         # `target.avoid_pending`, neither are the concepts later requests will forget.
@@ -161,6 +166,9 @@ def plan_prompts(
         candidates = without_excluded(request.targets or [""], cfg.target.exclude, request)
         retain_replayed, anchored = [], []
         retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
+        if cfg.concept_templates:
+            raise ValueError(f"concept_templates writes MiniCanvas's concepts in more sentences; world={cfg.world!r} "
+                             "has none (list the sentences in the request's prompts)")
         if cfg.regularizers.key_value_anchor.templates:
             raise ValueError(
                 "regularizers.key_value_anchor.templates writes MiniCanvas's retained (object, style) pairs in more "
