@@ -53,7 +53,7 @@ def grid_prompts(seeds, template: str | None = None) -> list[dict]:
 def sentence_option(template: str | None) -> str | None:
     """A command's `--template`, checked (MiniCanvas's words, `{object}` and `{style}` in it; refused by
     name otherwise); None where it is absent or is the evaluation's sentence itself."""
-    if template is None or " ".join(template.split()) == concepts.EVAL_TEMPLATE:
+    if template is None or concepts.is_eval_template(template):
         return None
     try:
         return check_pair_templates([template], "--template", allow_evaluation=True)[0]

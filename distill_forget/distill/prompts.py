@@ -125,7 +125,7 @@ def check_pair_templates(templates, setting: str = "retain.extra_templates", all
     for template in templates:
         if not concepts.is_pair_template(template):
             raise ValueError(f"{setting}: {template!r} must hold {{object}} and {{style}}")
-        if not allow_evaluation and " ".join(template.split()) == concepts.EVAL_TEMPLATE:
+        if not allow_evaluation and concepts.is_eval_template(template):
             raise ValueError(f"{setting}: {template!r} is the evaluation's sentence (no training prompt holds it)")
         unknown = [w for w in template.replace("{object}", " ").replace("{style}", " ").split() if w not in known]
         if unknown:
@@ -143,11 +143,11 @@ def pair_prompts(replayed: list[str], templates: list[str]) -> list[str]:
 
 def retain_prompts(replayed: list[str], extra_templates=()) -> list[str]:
     """Prompts for the replayed concepts, mentioning no other concept: replayed objects x
-    replayed styles in each paraphrase template (and in `extra_templates`), and each alone in its
-    kind's templates."""
+    replayed styles in each paraphrase template (and in `extra_templates`, checked by the caller), and
+    each alone in its kind's templates."""
     objects = [c for c in replayed if concepts.kind_of(c) == "object"]
     styles = [c for c in replayed if concepts.kind_of(c) == "style"]
-    prompts = pair_prompts(replayed, [*concepts.PARAPHRASE_TEMPLATES, *check_pair_templates(extra_templates)])
+    prompts = pair_prompts(replayed, [*concepts.PARAPHRASE_TEMPLATES, *extra_templates])
     prompts += [t.format(object=o) for t in concepts.OBJECT_TEMPLATES for o in objects]
     prompts += [t.format(style=s) for t in concepts.STYLE_TEMPLATES for s in styles]
     return prompts

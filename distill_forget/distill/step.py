@@ -121,7 +121,7 @@ def plan_prompts(
             return in_context(concept, kind, context(kind), concept_forms)
 
         forget = request.prompts or named(request.concept, request.kind)
-        extra = cfg.retain.extra_templates
+        extra = check_pair_templates(cfg.retain.extra_templates, "retain.extra_templates")
         retain = retain_prompts(retain_replayed, extra)
         fresh = set(retain_prompts([c for c in retain_replayed if c not in touched], extra))  # untouched concepts only
         retain_touched = [p not in fresh for p in retain]

@@ -81,6 +81,11 @@ def is_pair_template(template: str) -> bool:
     return "{object}" in template and "{style}" in template
 
 
+def is_eval_template(template: str) -> bool:
+    """The evaluation's sentence, however it is spaced."""
+    return " ".join(template.split()) == EVAL_TEMPLATE
+
+
 def eval_prompt(obj: str, style: str) -> str:
     return EVAL_TEMPLATE.format(object=obj, style=style)
 
