@@ -42,7 +42,15 @@ from omegaconf import OmegaConf
 
 from distill_forget.check import CHECKED, against_bars
 from distill_forget.config import read_config, resolve_model_dir
-from distill_forget.evaluate import generate, grid_prompts, judge_images, judged_records, load_judge, sentence_option
+from distill_forget.evaluate import (
+    generate,
+    grid_prompts,
+    judge_images,
+    judged_records,
+    load_judge,
+    sentence_of,
+    sentence_option,
+)
 from distill_forget.ledger import LEDGER_NAME, Ledger, LedgerError, weights_hash
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device
@@ -356,8 +364,8 @@ def main(argv=None) -> None:
     if args.base_from is not None:
         take_base_from(args.base_from, run_cfg, base_weights, out / "base.json", template=template)
 
-    def evaluation_judged(evaluation: dict) -> list[dict]:  # the loop's images are the evaluation sentence's
-        return evaluation["judged"] if template is None else []
+    def evaluation_judged(evaluation: dict) -> list[dict]:  # the loop's images of this sentence (evaluate.templates)
+        return [r for r in evaluation["judged"] if sentence_of(r) == (template or EVAL_TEMPLATE)]
 
     base_evaluation = json.loads((args.run / "base" / "metrics.json").read_text())
     base_judged = judged_on(model_dir, base_weights, evaluation_judged(base_evaluation), seeds, out / "base.json",

@@ -2,12 +2,12 @@
 
     python -m distill_forget.evaluate [model=FOLDER] [out=DIR] [forget=[dots]] [key=value ...]
 
-Generates one image per (object, style, seed) with the evaluation template and fixed seeds,
-judges every image, and writes DIR/metrics.json: object/style accuracy, UA, IRA, CRA,
-NRA and quality (Frechet distance to real renders in the judge's feature space, over the
-prompts that name no forgotten concept),
-aggregated and per concept, plus every image's judgement so metrics can be recomputed for
-another set of forgotten concepts.
+Generates one image per (object, style, seed) with the evaluation template and fixed seeds
+(and per more sentence in `templates`: the metrics are then pooled over every sentence, and each
+sentence's are under `by_sentence`), judges every image, and writes DIR/metrics.json: object/style
+accuracy, UA, IRA, CRA, NRA and quality (Frechet distance to real renders in the judge's feature
+space, over the prompts that name no forgotten concept), aggregated and per concept, plus every
+image's judgement so metrics can be recomputed for another set of forgotten concepts.
 """
 
 import importlib
@@ -48,6 +48,23 @@ def grid_prompts(seeds, template: str | None = None) -> list[dict]:
     `template`, each entry also holds that sentence, which `generate` then draws it from."""
     sentence = {} if template is None else {"template": template}
     return [{"object": o, "style": s, "seed": int(seed), **sentence} for seed in seeds for o, s in grid_pairs()]
+
+
+def evaluation_sentences(cfg) -> list[str]:
+    """The sentences the grid is drawn in: the evaluation's own, then `cfg.templates` (checked)."""
+    more = check_pair_templates(cfg.get("templates") or [], "evaluate.templates", allow_evaluation=True)
+    return [concepts.EVAL_TEMPLATE, *dict.fromkeys(t for t in more if not concepts.is_eval_template(t))]
+
+
+def evaluation_items(cfg) -> list[dict]:
+    """`grid_prompts` on `cfg.seeds` in every sentence of `evaluation_sentences`, the evaluation's first."""
+    sentences = evaluation_sentences(cfg)
+    return grid_prompts(cfg.seeds) + [item for t in sentences[1:] for item in grid_prompts(cfg.seeds, t)]
+
+
+def sentence_of(record: dict) -> str:
+    """The sentence a judged image was drawn from."""
+    return record.get("template", concepts.EVAL_TEMPLATE)
 
 
 def sentence_option(template: str | None) -> str | None:
@@ -93,7 +110,8 @@ def judge_images(judge, images: torch.Tensor, batch: int = 512) -> list[dict]:
 
 def judged_records(items: list[dict], seen: list[dict]) -> list[dict]:
     """One record per judged image (`grid_prompts` item and `judge_images` reading), as metrics.json keeps them."""
-    return [{"prompt": {"object": it["object"], "style": it["style"]}, "seen": s, "seed": it["seed"]}
+    return [{"prompt": {"object": it["object"], "style": it["style"]}, "seen": s, "seed": it["seed"],
+             **({"template": it["template"]} if "template" in it else {})}
             for it, s in zip(items, seen)]  # fmt: skip
 
 
@@ -148,6 +166,18 @@ def retained_quality(judge, images: torch.Tensor, prompts: list[dict], forgotten
     return frechet_distance(judge, images[keep], real_renders(pairs, cfg.reference_seed))
 
 
+def metrics_by_sentence(judge, judged: list[dict], images: torch.Tensor, forgotten, neighbors, replayed, cfg) -> dict:
+    """{sentence: metrics, quality included} over the images drawn from each sentence, in the order drawn."""
+    by_sentence = {}
+    for sentence in dict.fromkeys(sentence_of(r) for r in judged):
+        rows = [i for i, r in enumerate(judged) if sentence_of(r) == sentence]
+        mine = [judged[i] for i in rows]
+        metrics = compute_metrics(mine, judge.domains, forgotten, neighbors, replayed)["metrics"]
+        metrics["quality"] = retained_quality(judge, images[rows], [r["prompt"] for r in mine], forgotten, cfg)
+        by_sentence[sentence] = metrics
+    return by_sentence
+
+
 def generate_sharded(pipe, items: list[dict], cfg, ranks) -> torch.Tensor | None:
     """`generate` with every rank drawing every world-th image; the whole grid on rank 0, None elsewhere.
 
@@ -175,14 +205,18 @@ def evaluate_pipeline(pipe, judge, cfg, forgotten=(), neighbors=None, replayed=N
     t0 = time.time()
     if neighbors is None:
         neighbors = [n for f in forgotten for n in concepts.neighbors_of(f) if n not in forgotten]
-    items = grid_prompts(cfg.seeds)
+    items = evaluation_items(cfg)
     images = generate_sharded(pipe, items, cfg, ranks)
     if images is None:
         return None, None
     records = judged_records(items, judge_images(judge, images))
     result = compute_metrics(records, judge.domains, forgotten, neighbors, replayed)
     result["metrics"]["quality"] = retained_quality(judge, images, items, forgotten, cfg)
+    sentences = evaluation_sentences(cfg)
+    if len(sentences) > 1:  # the pooled metrics above, and each sentence's
+        result["by_sentence"] = metrics_by_sentence(judge, records, images, forgotten, neighbors, replayed, cfg)
     result.update(
+        sentences=sentences,
         forgotten=list(forgotten),
         neighbors=list(neighbors),
         replayed=None if replayed is None else list(replayed),
@@ -226,7 +260,11 @@ def main(argv=None) -> None:
     forgotten = list(cfg.forget)
     for concept in forgotten + list(cfg.neighbors or []) + list(cfg.replayed or []):
         concepts.kind_of(concept)  # a clear error for a concept the world does not have
-    print(f"evaluating {model_dir} on {len(cfg.seeds) * len(grid_pairs())} images ...", flush=True)
+    try:
+        items = evaluation_items(cfg)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    print(f"evaluating {model_dir} on {len(items)} images ...", flush=True)
     pipe = load_pipeline(model_dir, pick_device(cfg.device))
     judge = load_judge(cfg.judge)
     result, images = evaluate_pipeline(pipe, judge, cfg, forgotten, cfg.neighbors, cfg.replayed)
@@ -235,6 +273,8 @@ def main(argv=None) -> None:
     write_json(out / "metrics.json", result)
     save_grid_png(images[: len(grid_pairs())], out / "grid.png")
     print(format_table(result))
+    for sentence, metrics in result.get("by_sentence", {}).items():
+        print(f"in {sentence!r}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if v is not None))
     print(
         f"{result['images']} images in {result['seconds']} s;"
         f" results in {out / 'metrics.json'} and {out / 'grid.png'}"

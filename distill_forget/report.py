@@ -105,6 +105,23 @@ def checked_targets(check: dict | None) -> str:
     return (f"; tried: {', '.join(tried)}" if tried else "") + under
 
 
+def _by_sentence(steps: list[dict]) -> str:
+    """A table: each request's metrics in each sentence the evaluation drew (`evaluate.templates`)."""
+    rows = [(s["index"], sentence, read) for s in steps for sentence, read in (s.get("by_sentence") or {}).items()]
+    if not rows:
+        return ""
+    lines = ["| request | sentence | UA | IRA / CRA / NRA % of base | quality vs base (%) |", "|---|---|---|---|---|"]
+    for index, sentence, read in rows:
+        base = read.get("base_metrics") or {}
+        relative = relative_to_base(read["metrics"], base)
+        rise = quality_rise(read["metrics"].get("quality"), base.get("quality"))
+        lines.append(f"| {index} | {sentence} | {_cell(read['metrics'].get('ua'))} | "
+                     + " / ".join(_cell(relative.get(f"{key}_rel")) for key in RETENTION)
+                     + f" | {'-' if rise is None else f'{rise:+.1f}'} |")  # fmt: skip
+    return ("Each sentence the evaluation draws in (`evaluate.templates`; the table above pools them), "
+            "against the base model's images in that sentence.\n\n" + "\n".join(lines) + "\n\n")  # fmt: skip
+
+
 def _where_concepts_went(steps: list[dict]) -> str:
     """A table: each request's concept, the target it was mapped onto, what its images read as."""
     rows = [s for s in steps if s.get("read_as")]
@@ -149,6 +166,7 @@ def format_markdown(report: dict) -> str:
         + "\n".join(lines)
         + f"\n\n{len(report['steps'])} requests, {total:.1f} s in all.\n\n"
         + QUALITY_NOTE
+        + _by_sentence(report["steps"])
         + _where_concepts_went(report["steps"])
         + "![metrics over requests](metrics.png)\n\n![cumulative cost](cost.png)\n"
     )

@@ -24,18 +24,27 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from callbacks import WandbReport
-from distill_forget.check import check_settings, evaluate_base_check, train_checked
+from distill_forget.check import check_evaluation, check_settings, evaluate_base_check, train_checked
 from distill_forget.config import load_config, resolve_model_dir
 from distill_forget.distill.module import CheckpointError
+from distill_forget.distill.prompts import trained_templates
 from distill_forget.distill.step import RECORD_FILE, run_step, save_student, with_plan_overrides
 from distill_forget.distributed import Ranks
-from distill_forget.evaluate import evaluate_pipeline, load_judge, retained_quality, save_grid_png
+from distill_forget.evaluate import (
+    evaluate_pipeline,
+    evaluation_sentences,
+    load_judge,
+    metrics_by_sentence,
+    retained_quality,
+    save_grid_png,
+    sentence_of,
+)
 from distill_forget.ledger import Ledger, LedgerError, step_dir, utc_now, weights_hash
 from distill_forget.merging import MERGE_METHODS, merge_states, unet_state
 from distill_forget.metrics import compute_metrics
 from distill_forget.pipelines import load_pipeline, pick_device, unet_weight_files
 from distill_forget.report import format_counts, request_readings, write_report
-from distill_forget.requests import RequestFileError, check_minicanvas, load_requests, merge_settings
+from distill_forget.requests import RequestFileError, check_minicanvas, load_requests, merge_overrides, merge_settings
 from distill_forget.storage import atomic_file, torch_load, torch_save, write_json
 
 
@@ -113,6 +122,20 @@ def check_loop_settings(cfg) -> None:
     check_settings(cfg)
 
 
+def check_evaluation_sentences(cfg, requests) -> None:
+    """Refuse an evaluation sentence (`evaluate.templates`) a step of this run trains in: retention is read
+    in sentences no training prompt holds."""
+    if cfg.step.world != "minicanvas":
+        return
+    sentences = evaluation_sentences(cfg.evaluate)[1:]
+    for request in requests:
+        trained = {" ".join(t.split()) for t in trained_templates(merge_overrides(cfg.step, request))}
+        for sentence in sentences:
+            if " ".join(sentence.split()) in trained:
+                raise SystemExit(f"evaluate.templates: request {request.concept!r} trains in {sentence!r} "
+                                 "(configs/step.yaml): the evaluation would read replayed prompts")  # fmt: skip
+
+
 def evaluation_for(records_so_far: list[dict], setting: str = "sequential") -> dict:
     """Which concepts count as forgotten and as replayed after these steps.
 
@@ -153,12 +176,28 @@ def evaluate_base(argv) -> None:
     )
 
 
-def base_metrics_for(run_dir: Path, base: dict, judge, cfg, sets: dict, neighbors) -> dict:
-    """The base model's metrics over a step's forgotten, neighbour and replayed sets."""
-    matched = compute_metrics(base["judged"], judge.domains, sets["forgotten"], neighbors, sets["replayed"])["metrics"]
+def base_metrics_for(run_dir: Path, base: dict, judge, cfg, sets: dict, neighbors, by_sentence=False) -> dict:
+    """The base model's metrics over a step's forgotten, neighbour and replayed sets; with `by_sentence`,
+    {sentence: those metrics} over each sentence's images (`evaluate.templates`) instead."""
     images = torch_load(run_dir / "base" / "images.pt", "base model images")
+    if by_sentence:
+        return metrics_by_sentence(judge, base["judged"], images, sets["forgotten"], neighbors, sets["replayed"],
+                                   cfg.evaluate)  # fmt: skip
+    matched = compute_metrics(base["judged"], judge.domains, sets["forgotten"], neighbors, sets["replayed"])["metrics"]
     prompts = [record["prompt"] for record in base["judged"]]
     return {**matched, "quality": retained_quality(judge, images, prompts, sets["forgotten"], cfg.evaluate)}
+
+
+def check_drawn_as_now(kept: dict, evaluation, path: Path) -> None:
+    """Refuse the starting model's judged images at `path` where they were drawn on other seeds or in other
+    sentences than `evaluation` draws now: every step is compared with them image for image."""
+    drawn = sorted({r["seed"] for r in kept["judged"]}), sorted({sentence_of(r) for r in kept["judged"]})
+    now = sorted(int(s) for s in evaluation.seeds), sorted(evaluation_sentences(evaluation))
+    if drawn != now:
+        raise SystemExit(f"{path} holds the starting model's images on seeds {drawn[0]} in the sentences "
+                         f"{drawn[1]}, but the evaluation now draws seeds {now[0]} in {now[1]}: every step is "
+                         "compared with them image for image; use another run_dir, or the settings this run "
+                         "started with")  # fmt: skip
 
 
 def save_forget_retain_grid(images: torch.Tensor, result: dict, path: Path) -> None:
@@ -185,6 +224,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"bad request file: {err}") from None
     model_dir = resolve_model_dir(cfg.model)
     check_loop_settings(cfg)
+    try:
+        check_evaluation_sentences(cfg, requests)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     started_with = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
     prepare_run_dir(cfg, requests_path, run_dir, write=ranks.is_main)
     ranks.barrier()
@@ -211,6 +254,11 @@ def main(argv=None) -> None:
         evaluate_base_check(model_dir, judge, cfg, run_dir / "base" / "check.json", device, ranks)
     ranks.barrier()
     base = load_base(run_dir)
+    if base is not None:
+        check_drawn_as_now(base, cfg.evaluate, run_dir / "base" / "metrics.json")
+    if cfg.check.retries:
+        check_path = run_dir / "base" / "check.json"
+        check_drawn_as_now(json.loads(check_path.read_text()), check_evaluation(cfg), check_path)
 
     teacher_dir, step_rows = model_dir, []
     for index, request in enumerate(requests, start=1):
@@ -359,6 +407,11 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         record["metrics"] = result["metrics"]
         if base is not None:
             record["base_metrics"] = base_metrics_for(folder.parent.parent, base, judge, cfg, sets, result["neighbors"])
+        if "by_sentence" in result:  # evaluate.templates: each sentence's metrics, and the base model's there
+            base_by = {} if base is None else base_metrics_for(
+                folder.parent.parent, base, judge, cfg, sets, result["neighbors"], by_sentence=True)
+            record["by_sentence"] = {sentence: {"metrics": metrics, "base_metrics": base_by.get(sentence)}
+                                     for sentence, metrics in result["by_sentence"].items()}  # fmt: skip
         # Where each concept forgotten so far went: what the judge reads in its images.
         record["read_as"] = {c: result["per_concept"][c]["read_as"] for c in result["forgotten"]}
         shown = {k: result["metrics"][k] for k in ("ua", "ira", "cra", "nra", "quality")}
@@ -419,6 +472,7 @@ def report_row(record: dict) -> dict:
         "targets": dict(record["targets"].get("counts", {})),
         "read_as": request_readings(record),
         "check": record.get("check"),
+        **({"by_sentence": record["by_sentence"]} if "by_sentence" in record else {}),  # evaluate.templates
     }
 
 

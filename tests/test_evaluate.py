@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -64,3 +65,26 @@ def test_quality_leaves_out_the_images_of_forgotten_concepts():
         judge, images, prompts, ["dots"], cfg
     )
     assert retained_quality(judge, broken, prompts, [], cfg) > retained_quality(judge, images, prompts, [], cfg)
+
+
+def test_more_sentences_are_drawn_pooled_and_read_one_by_one(tiny_pipeline_dir, tmp_path, random_judge):
+    """`templates`: the grid drawn in each sentence; the evaluation's sentence reads as it does alone."""
+    from distill_forget.world.concepts import EVAL_TEMPLATE
+
+    drawing = "a drawing of a {object} in {style} style"
+    args = [f"model={tiny_pipeline_dir}", f"judge={random_judge}", "seeds=[0]", "sampling_steps=2", "forget=[dots]"]
+    main([*args, f"out={tmp_path / 'one'}"])
+    main([*args, f"out={tmp_path / 'two'}", f"templates=['{drawing}']"])
+    alone, both = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+
+    assert both["images"] == 288 and both["sentences"] == [EVAL_TEMPLATE, drawing]
+    assert [sum(r.get("template") == drawing for r in both["judged"]), len(both["judged"])] == [144, 288]
+    assert both["by_sentence"][EVAL_TEMPLATE] == alone["metrics"]  # the same images, quality included
+    per_sentence = [both["by_sentence"][t]["object_accuracy"] for t in both["sentences"]]
+    assert both["metrics"]["object_accuracy"] == pytest.approx(sum(per_sentence) / 2, abs=0.01)  # pooled
+    assert "by_sentence" not in alone
+
+
+def test_a_sentence_outside_the_world_is_refused_by_name(tiny_pipeline_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"evaluate\.templates.*photo"):
+        main([f"model={tiny_pipeline_dir}", f"out={tmp_path}", "templates=['a photo of a {object} in {style} style']"])

@@ -240,3 +240,41 @@ def test_chain_and_plan_overrides_come_from_the_command_line_and_are_checked_bef
         loop.check_loop_settings(settings("step.neighbors.close_overrides.seed=3"))
     with pytest.raises(SystemExit, match="close_overrides: 'lambda_m' is not a step setting"):
         loop.check_loop_settings(settings("step.neighbors.close_overrides={lambda_m: 50.0}"))
+
+
+def test_the_loop_reads_each_request_in_more_sentences_and_keeps_them_to_the_run(tiny_pipeline_dir, tmp_path,
+                                                                                  random_judge):  # fmt: skip
+    """`evaluate.templates`: every step's metrics pooled and per sentence against the base model's in that
+    sentence; a rerun asking other sentences, and a sentence a step trains in, are refused before any work."""
+    from distill_forget.world.concepts import EVAL_TEMPLATE, PARAPHRASE_TEMPLATES
+
+    drawing = "a drawing of a {object} in {style} style"
+    requests = tmp_path / "requests.yaml"
+    requests.write_text("requests:\n  - {concept: dots, kind: style}\n")
+    run_dir = tmp_path / "run"
+    args = [f"model={tiny_pipeline_dir}", f"judge={random_judge}", f"requests={requests}", f"run_dir={run_dir}",
+            *FAST, "step.steps=2"]  # fmt: skip
+    finish([*args, f"evaluate.templates=['{drawing}']"])
+    step = json.loads((run_dir / "report.json").read_text())["steps"][0]
+    read = step["by_sentence"]
+    assert list(read) == [EVAL_TEMPLATE, drawing]
+    base = json.loads((run_dir / "base" / "metrics.json").read_text())
+    for sentence, metrics in base["by_sentence"].items():  # the base model's images in that very sentence
+        drawn = read[sentence]["base_metrics"]
+        assert [drawn["object_accuracy"], drawn["style_accuracy"]] == [metrics["object_accuracy"],
+                                                                       metrics["style_accuracy"]]  # fmt: skip
+        assert drawn["nra"] is not None and drawn["quality"] is not None  # over `dots`' neighbours and the rest
+    assert json.loads((run_dir / "steps" / "01-dots" / "metrics.json").read_text())["by_sentence"] == {
+        t: r["metrics"] for t, r in read.items()
+    }
+    assert f"| 1 | {drawing} |" in (run_dir / "report.md").read_text()
+
+    proc = train(args)  # the default: the evaluation's sentence alone
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "use another run_dir" in out and drawing in out
+
+    trained = PARAPHRASE_TEMPLATES[0]
+    proc = train([*args[:3], f"run_dir={tmp_path / 'other'}", *FAST, f"evaluate.templates=['{trained}']"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and f"request 'dots' trains in {trained!r}" in out
+    assert not (tmp_path / "other" / "base").exists()

@@ -134,6 +134,13 @@ def check_pair_templates(templates, setting: str = "retain.extra_templates", all
     return templates
 
 
+def trained_templates(step_cfg) -> list[str]:
+    """Every sentence form a MiniCanvas step writes its prompts in: the world's paraphrases, and the step's
+    `concept_templates`, `retain.extra_templates` and `regularizers.key_value_anchor.templates`."""
+    return [*concepts.PARAPHRASE_TEMPLATES, *step_cfg.concept_templates, *step_cfg.retain.extra_templates,
+            *step_cfg.regularizers.key_value_anchor.templates]  # fmt: skip
+
+
 def pair_prompts(replayed: list[str], templates: list[str]) -> list[str]:
     """The replayed objects x replayed styles written in each template."""
     objects = [c for c in replayed if concepts.kind_of(c) == "object"]
