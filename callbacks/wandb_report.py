@@ -97,6 +97,9 @@ class WandbReport:
         run = self.logger.experiment
         entry = {"request": record["index"], "request/seconds": record["seconds"]}
         entry.update({f"request/{k}": v for k, v in metrics.items()})
+        for sentence, read in (record.get("by_sentence") or {}).items():  # evaluate.templates: a curve per sentence
+            numbers = {k: v for k, v in read["metrics"].items() if isinstance(v, (int, float))}
+            entry.update({f"request/{sentence}/{k}": v for k, v in numbers.items()})
         entry["metrics_table"] = wandb.Table(columns=list(TABLE_COLUMNS), data=[list(r) for r in self.rows])
         grid = folder / "grid.png"
         if grid.exists():

@@ -10,6 +10,7 @@ FAST = [
     "step.batch=2", "step.target.mode=fixed", "step.neighbors.mode=request", "evaluate.seeds=[0]",
     "evaluate.sampling_steps=1", "evaluate.reference_repeats=1",
 ]  # fmt: skip
+DRAWING = "a drawing of a {object} in {style} style"  # evaluate.templates: a curve per sentence
 
 
 def test_the_loop_logs_one_offline_wandb_run_per_sequence(tiny_pipeline_dir, tmp_path, two_requests):
@@ -20,7 +21,7 @@ def test_the_loop_logs_one_offline_wandb_run_per_sequence(tiny_pipeline_dir, tmp
     env.pop("WANDB_API_KEY", None)
     env.pop("WANDB_MODE", None)  # mode auto: offline without an API key
     args = [sys.executable, "-m", "distill_forget.train", f"model={tiny_pipeline_dir}", f"requests={requests}",
-            f"run_dir={run_dir}", *FAST]  # fmt: skip
+            f"run_dir={run_dir}", *FAST, f"evaluate.templates=['{DRAWING}']"]  # fmt: skip
     for _ in range(2):  # the second time every request is done: the same W&B run is resumed
         proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -32,7 +33,8 @@ def test_the_loop_logs_one_offline_wandb_run_per_sequence(tiny_pipeline_dir, tmp
     first = runs[0]
     logged = (first / f"run-{run_id}.wandb").read_bytes()
     for key in (b"loss/forget", b"loss/retain", b"loss/total", b"grad_norm", b"lr-AdamW", b"request/ua", b"request/ira",
-                b"request/quality_vs_base", b"metrics_table", f"ledger-{run_id}".encode()):  # fmt: skip
+                b"request/quality_vs_base", b"metrics_table", f"ledger-{run_id}".encode(),
+                f"request/{DRAWING}/nra".encode()):  # fmt: skip
         assert key in logged, key
     grids = sorted((first / "files" / "media" / "images").glob("grid_*.png"))
     tables = sorted((first / "files" / "media" / "table").glob("metrics_table_*.table.json"))
