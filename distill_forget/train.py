@@ -46,6 +46,7 @@ from distill_forget.pipelines import load_pipeline, pick_device, unet_weight_fil
 from distill_forget.report import format_counts, request_readings, write_report
 from distill_forget.requests import RequestFileError, check_minicanvas, load_requests, merge_overrides, merge_settings
 from distill_forget.storage import atomic_file, torch_load, torch_save, write_json
+from distill_forget.world import concepts
 
 
 def save_changed_weights(teacher_dir: Path, student_dir: Path, path: Path) -> int:
@@ -129,9 +130,9 @@ def check_evaluation_sentences(cfg, requests) -> None:
         return
     sentences = evaluation_sentences(cfg.evaluate)[1:]
     for request in requests:
-        trained = {" ".join(t.split()) for t in trained_templates(merge_overrides(cfg.step, request))}
+        trained = {concepts.spaced(t) for t in trained_templates(merge_overrides(cfg.step, request))}
         for sentence in sentences:
-            if " ".join(sentence.split()) in trained:
+            if concepts.spaced(sentence) in trained:
                 raise SystemExit(f"evaluate.templates: request {request.concept!r} trains in {sentence!r} "
                                  "(configs/step.yaml): the evaluation would read replayed prompts")  # fmt: skip
 

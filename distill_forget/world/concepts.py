@@ -81,9 +81,14 @@ def is_pair_template(template: str) -> bool:
     return "{object}" in template and "{style}" in template
 
 
+def spaced(template: str) -> str:
+    """A sentence with its words one space apart, to compare sentences however they are spaced."""
+    return " ".join(template.split())
+
+
 def is_eval_template(template: str) -> bool:
     """The evaluation's sentence, however it is spaced."""
-    return " ".join(template.split()) == EVAL_TEMPLATE
+    return spaced(template) == EVAL_TEMPLATE
 
 
 def eval_prompt(obj: str, style: str) -> str:
