@@ -133,12 +133,6 @@ def frechet_distance_to(judge, reference: torch.Tensor):
     return distance
 
 
-def frechet_distance(judge, images: torch.Tensor, reference: torch.Tensor) -> float | None:
-    """Frechet distance in the judge's feature space; None for judges without features."""
-    distance = frechet_distance_to(judge, reference)
-    return None if distance is None else distance(images)
-
-
 def retained_rows(prompts: list[dict], forgotten) -> list[int]:
     """The indices of the prompts that name no forgotten concept."""
     return [i for i, p in enumerate(prompts) if not set(forgotten) & {p["object"], p["style"]}]
@@ -160,20 +154,32 @@ def retained_quality(judge, images: torch.Tensor, prompts: list[dict], forgotten
     Images of forgotten concepts are meant to change, so they are left out on both sides; a
     model is compared with the base model over the same pairs (see `train.py`).
     """
-    keep, pairs = retained_rows(prompts, forgotten), retained_pairs(forgotten, cfg.reference_repeats)
-    if not keep or not pairs:
-        return None
-    return frechet_distance(judge, images[keep], real_renders(pairs, cfg.reference_seed))
+    return retained_quality_of(judge, forgotten, cfg)(images, prompts)
 
 
-def metrics_by_sentence(judge, judged: list[dict], images: torch.Tensor, forgotten, neighbors, replayed, cfg) -> dict:
-    """{sentence: metrics, quality included} over the images drawn from each sentence, in the order drawn."""
+def retained_quality_of(judge, forgotten, cfg):
+    """`retained_quality` as a function of (images, prompts), the real renders' features drawn once for every call."""
+    pairs = retained_pairs(forgotten, cfg.reference_repeats)
+    distance = frechet_distance_to(judge, real_renders(pairs, cfg.reference_seed)) if pairs else None
+
+    def quality(images: torch.Tensor, prompts: list[dict]) -> float | None:
+        keep = retained_rows(prompts, forgotten)
+        return distance(images[keep]) if distance is not None and keep else None
+
+    return quality
+
+
+def metrics_by_sentence(judge, judged: list[dict], images: torch.Tensor, forgotten, neighbors, replayed,
+                        quality) -> dict:  # fmt: skip
+    """{sentence: metrics, `quality` (`retained_quality_of`) included} over the images drawn from each sentence,
+    in the order drawn; {} where every image is from one sentence (the pooled metrics are then its own)."""
+    sentences = list(dict.fromkeys(sentence_of(r) for r in judged))
     by_sentence = {}
-    for sentence in dict.fromkeys(sentence_of(r) for r in judged):
+    for sentence in sentences if len(sentences) > 1 else []:
         rows = [i for i, r in enumerate(judged) if sentence_of(r) == sentence]
         mine = [judged[i] for i in rows]
         metrics = compute_metrics(mine, judge.domains, forgotten, neighbors, replayed)["metrics"]
-        metrics["quality"] = retained_quality(judge, images[rows], [r["prompt"] for r in mine], forgotten, cfg)
+        metrics["quality"] = quality(images[rows], [r["prompt"] for r in mine])
         by_sentence[sentence] = metrics
     return by_sentence
 
@@ -211,12 +217,12 @@ def evaluate_pipeline(pipe, judge, cfg, forgotten=(), neighbors=None, replayed=N
         return None, None
     records = judged_records(items, judge_images(judge, images))
     result = compute_metrics(records, judge.domains, forgotten, neighbors, replayed)
-    result["metrics"]["quality"] = retained_quality(judge, images, items, forgotten, cfg)
-    sentences = evaluation_sentences(cfg)
-    if len(sentences) > 1:  # the pooled metrics above, and each sentence's
-        result["by_sentence"] = metrics_by_sentence(judge, records, images, forgotten, neighbors, replayed, cfg)
+    quality = retained_quality_of(judge, forgotten, cfg)
+    result["metrics"]["quality"] = quality(images, items)
+    if by_sentence := metrics_by_sentence(judge, records, images, forgotten, neighbors, replayed, quality):
+        result["by_sentence"] = by_sentence  # evaluate.templates: beside the pooled metrics above
     result.update(
-        sentences=sentences,
+        sentences=list(dict.fromkeys(map(sentence_of, items))),
         forgotten=list(forgotten),
         neighbors=list(neighbors),
         replayed=None if replayed is None else list(replayed),

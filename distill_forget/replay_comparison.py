@@ -45,7 +45,7 @@ def main(argv=None) -> None:
         record = run_step(model_dir, request, step_cfg, out / mode / "pipeline")
         sets = {"forgotten": [cfg.concept], "replayed": record["replayed_concepts"]}
         result = evaluate_step(out / mode / "pipeline", judge, cfg, sets, out / mode, device)
-        matched = base_metrics_for(out, base, judge, cfg, sets, result["neighbors"])
+        matched, _ = base_metrics_for(out, base, judge, cfg, sets, result["neighbors"])
         rows[mode] = {
             "seconds": record["seconds"],
             "evaluations": record["evaluations"],

@@ -75,7 +75,7 @@ def sweep(run_dir: Path, step: str, shares: list[float]) -> list[dict]:
         print(f"share {share}: evaluating ...", flush=True)
         result, _ = evaluate_pipeline(pipe, judge, cfg.evaluate, sets["forgotten"], None, sets["replayed"])
         metrics = result["metrics"]
-        base_metrics = base_metrics_for(run_dir, base, judge, cfg, sets, result["neighbors"])
+        base_metrics, _ = base_metrics_for(run_dir, base, judge, cfg, sets, result["neighbors"])
         rows.append({
             "share": share, "ua": metrics["ua"], **relative_to_base(metrics, base_metrics),
             "quality": metrics["quality"], "quality_vs_base": quality_rise(metrics["quality"], base_metrics["quality"]),

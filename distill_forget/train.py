@@ -35,7 +35,7 @@ from distill_forget.evaluate import (
     evaluation_sentences,
     load_judge,
     metrics_by_sentence,
-    retained_quality,
+    retained_quality_of,
     save_grid_png,
     sentence_of,
 )
@@ -177,16 +177,15 @@ def evaluate_base(argv) -> None:
     )
 
 
-def base_metrics_for(run_dir: Path, base: dict, judge, cfg, sets: dict, neighbors, by_sentence=False) -> dict:
-    """The base model's metrics over a step's forgotten, neighbour and replayed sets; with `by_sentence`,
-    {sentence: those metrics} over each sentence's images (`evaluate.templates`) instead."""
+def base_metrics_for(run_dir: Path, base: dict, judge, cfg, sets: dict, neighbors) -> tuple[dict, dict]:
+    """The base model's metrics over a step's forgotten, neighbour and replayed sets, and {sentence: those
+    metrics} where it was drawn in more than one (`evaluate.templates`; {} otherwise)."""
     images = torch_load(run_dir / "base" / "images.pt", "base model images")
-    if by_sentence:
-        return metrics_by_sentence(judge, base["judged"], images, sets["forgotten"], neighbors, sets["replayed"],
-                                   cfg.evaluate)  # fmt: skip
-    matched = compute_metrics(base["judged"], judge.domains, sets["forgotten"], neighbors, sets["replayed"])["metrics"]
-    prompts = [record["prompt"] for record in base["judged"]]
-    return {**matched, "quality": retained_quality(judge, images, prompts, sets["forgotten"], cfg.evaluate)}
+    judged, forgotten = base["judged"], sets["forgotten"]
+    quality = retained_quality_of(judge, forgotten, cfg.evaluate)
+    matched = compute_metrics(judged, judge.domains, forgotten, neighbors, sets["replayed"])["metrics"]
+    pooled = {**matched, "quality": quality(images, [record["prompt"] for record in judged])}
+    return pooled, metrics_by_sentence(judge, judged, images, forgotten, neighbors, sets["replayed"], quality)
 
 
 def check_drawn_as_now(kept: dict, evaluation, path: Path) -> None:
@@ -406,11 +405,11 @@ def run_request(cfg, index, request, requests, teacher_dir, folder, records, jud
         result = evaluate_step(pipeline_dir, judge, cfg, sets, folder, device, ranks=ranks)
         base = load_base(folder.parent.parent)
         record["metrics"] = result["metrics"]
+        base_by = {}  # evaluate.templates: the base model's metrics in each sentence
         if base is not None:
-            record["base_metrics"] = base_metrics_for(folder.parent.parent, base, judge, cfg, sets, result["neighbors"])
+            record["base_metrics"], base_by = base_metrics_for(folder.parent.parent, base, judge, cfg, sets,
+                                                               result["neighbors"])  # fmt: skip
         if "by_sentence" in result:  # evaluate.templates: each sentence's metrics, and the base model's there
-            base_by = {} if base is None else base_metrics_for(
-                folder.parent.parent, base, judge, cfg, sets, result["neighbors"], by_sentence=True)
             record["by_sentence"] = {sentence: {"metrics": metrics, "base_metrics": base_by.get(sentence)}
                                      for sentence, metrics in result["by_sentence"].items()}  # fmt: skip
         # Where each concept forgotten so far went: what the judge reads in its images.
