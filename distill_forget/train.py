@@ -130,7 +130,10 @@ def check_evaluation_sentences(cfg, requests) -> None:
         return
     sentences = evaluation_sentences(cfg.evaluate)[1:]
     for request in requests:
-        trained = {concepts.spaced(t) for t in trained_templates(merge_overrides(cfg.step, request))}
+        try:
+            trained = {concepts.spaced(t) for t in trained_templates(merge_overrides(cfg.step, request))}
+        except ValueError as err:
+            raise SystemExit(f"request {request.concept!r}: {err}") from None
         for sentence in sentences:
             if concepts.spaced(sentence) in trained:
                 raise SystemExit(f"evaluate.templates: request {request.concept!r} trains in {sentence!r} "

@@ -214,6 +214,24 @@ def test_extra_templates_add_retain_sentences_but_never_the_evaluations():
             plan_prompts(request, [], fast_cfg(f"retain.extra_templates=['{template}']"), distances=None, encoder=None)
 
 
+def test_a_held_out_paraphrase_writes_no_prompt_of_the_step():
+    """`held_out_paraphrases`: the world's paraphrase held out is in no group; every other prompt stays."""
+    request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", targets=["ring"])
+    plain, _ = plan_prompts(request, [earlier], fast_cfg(), distances=None, encoder=None)
+    held = concepts.PARAPHRASE_TEMPLATES[1]  # "a drawing of a {object} , {style} style"
+    groups, _ = plan_prompts(request, [earlier], fast_cfg(f"held_out_paraphrases=['{held}']"), None, None)
+    in_held = re.compile(r"a drawing of a .*, .* style")  # the mapped prompts too, the concept taken out
+    for group, prompts in groups.as_dict().items():
+        before = getattr(plain, group)
+        assert not any(in_held.fullmatch(p) for p in prompts), group
+        assert prompts == [p for p in before if not in_held.fullmatch(p)], group
+    assert any(in_held.fullmatch(p) for p in plain.forget + plain.retain + plain.neighbor + plain.forgotten)
+    for setting, message in ((f"['{concepts.EVAL_TEMPLATE}']", "is not one of the world's paraphrases"),
+                             (str(concepts.PARAPHRASE_TEMPLATES).replace('"', "'"), "every paraphrase held out")):
+        with pytest.raises(ValueError, match=message):
+            plan_prompts(request, [], fast_cfg(f"held_out_paraphrases={setting}"), distances=None, encoder=None)
+
+
 def test_concept_templates_write_the_forget_neighbour_and_forgotten_prompts_in_more_sentences():
     request, earlier = Request("star", "object", neighbors=["plus sign"]), Request("circle", "object", targets=["ring"])
     plain, _ = plan_prompts(request, [earlier], fast_cfg(), distances=None, encoder=None)

@@ -242,6 +242,25 @@ def test_chain_and_plan_overrides_come_from_the_command_line_and_are_checked_bef
         loop.check_loop_settings(settings("step.neighbors.close_overrides={lambda_m: 50.0}"))
 
 
+def test_a_held_out_paraphrase_may_be_read_by_the_evaluation_and_only_then():
+    from distill_forget.requests import Request
+    from distill_forget.world.concepts import PARAPHRASE_TEMPLATES
+
+    held = PARAPHRASE_TEMPLATES[1]
+    requests = [Request("dots", "style"), Request("star", "object", overrides={"held_out_paraphrases": []})]
+
+    def settings(*argv):
+        return load_config("train", [f"evaluate.templates=['{held}']", *argv], sections=("step", "evaluate"))
+
+    with pytest.raises(SystemExit, match=f"request 'dots' trains in {held!r}"):
+        loop.check_evaluation_sentences(settings(), requests[:1])
+    loop.check_evaluation_sentences(settings(f"step.held_out_paraphrases=['{held}']"), requests[:1])
+    with pytest.raises(SystemExit, match=f"request 'star' trains in {held!r}"):  # its own overrides read too
+        loop.check_evaluation_sentences(settings(f"step.held_out_paraphrases=['{held}']"), requests)
+    with pytest.raises(SystemExit, match="request 'dots': held_out_paraphrases: 'a dot' is not one of the world's"):
+        loop.check_evaluation_sentences(settings("step.held_out_paraphrases=['a dot']"), requests[:1])
+
+
 def test_the_loop_reads_each_request_in_more_sentences_and_keeps_them_to_the_run(tiny_pipeline_dir, tmp_path,
                                                                                   random_judge):  # fmt: skip
     """`evaluate.templates`: every step's metrics pooled and per sentence against the base model's in that

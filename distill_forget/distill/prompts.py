@@ -90,11 +90,10 @@ def concept_prompt(concept: str, kind: str) -> str:
     return concept
 
 
-def in_context(concept: str, kind: str, context: list[str], extra_templates=()) -> list[str]:
-    """Training prompts naming `concept`: each paraphrase template (and each of `extra_templates`,
+def in_context(concept: str, kind: str, context: list[str], templates: list[str]) -> list[str]:
+    """Training prompts naming `concept`: each pair template (the step's `paraphrases` and more forms,
     checked by the caller) with each `context` concept (of the other kind), then the single-concept
     templates. Never the evaluation template."""
-    templates = [*concepts.PARAPHRASE_TEMPLATES, *extra_templates]
     if kind == "object":
         paired = [t.format(object=concept, style=c) for t in templates for c in context]
         return paired + [t.format(object=concept) for t in concepts.OBJECT_TEMPLATES]
@@ -134,10 +133,26 @@ def check_pair_templates(templates, setting: str = "retain.extra_templates", all
     return templates
 
 
+def paraphrases(step_cfg) -> list[str]:
+    """The world's paraphrases a MiniCanvas step trains in: all four but its `held_out_paraphrases`, which
+    the evaluation may then read (`evaluate.templates`) as sentences the world's model learnt and no step
+    trained in."""
+    held = [concepts.spaced(t) for t in step_cfg.held_out_paraphrases]
+    known = [concepts.spaced(t) for t in concepts.PARAPHRASE_TEMPLATES]
+    for template in held:
+        if template not in known:
+            raise ValueError(f"held_out_paraphrases: {template!r} is not one of the world's paraphrases "
+                             f"{concepts.PARAPHRASE_TEMPLATES}")  # fmt: skip
+    kept = [t for t in concepts.PARAPHRASE_TEMPLATES if concepts.spaced(t) not in held]
+    if not kept:
+        raise ValueError("held_out_paraphrases: every paraphrase held out; a step needs at least one to train in")
+    return kept
+
+
 def trained_templates(step_cfg) -> list[str]:
-    """Every sentence form a MiniCanvas step writes its prompts in: the world's paraphrases, and the step's
+    """Every sentence form a MiniCanvas step writes its prompts in: its `paraphrases`, and its
     `concept_templates`, `retain.extra_templates` and `regularizers.key_value_anchor.templates`."""
-    return [*concepts.PARAPHRASE_TEMPLATES, *step_cfg.concept_templates, *step_cfg.retain.extra_templates,
+    return [*paraphrases(step_cfg), *step_cfg.concept_templates, *step_cfg.retain.extra_templates,
             *step_cfg.regularizers.key_value_anchor.templates]  # fmt: skip
 
 
@@ -148,13 +163,13 @@ def pair_prompts(replayed: list[str], templates: list[str]) -> list[str]:
     return [t.format(object=o, style=s) for t in templates for o in objects for s in styles]
 
 
-def retain_prompts(replayed: list[str], extra_templates=()) -> list[str]:
+def retain_prompts(replayed: list[str], templates: list[str]) -> list[str]:
     """Prompts for the replayed concepts, mentioning no other concept: replayed objects x
-    replayed styles in each paraphrase template (and in `extra_templates`, checked by the caller), and
-    each alone in its kind's templates."""
+    replayed styles in each pair template (the step's `paraphrases` and more forms, checked by the
+    caller), and each alone in its kind's templates."""
     objects = [c for c in replayed if concepts.kind_of(c) == "object"]
     styles = [c for c in replayed if concepts.kind_of(c) == "style"]
-    prompts = pair_prompts(replayed, [*concepts.PARAPHRASE_TEMPLATES, *extra_templates])
+    prompts = pair_prompts(replayed, templates)
     prompts += [t.format(object=o) for t in concepts.OBJECT_TEMPLATES for o in objects]
     prompts += [t.format(style=s) for t in concepts.STYLE_TEMPLATES for s in styles]
     return prompts

@@ -34,6 +34,7 @@ from distill_forget.distill.prompts import (
     neighbor_pool,
     other_kind,
     pair_prompts,
+    paraphrases,
     replace_concept,
     replayable_concepts,
     retain_prompts,
@@ -115,15 +116,17 @@ def plan_prompts(
             # held-out concept appears in no training prompt at all.
             return [c for c in retain_replayed if concepts.kind_of(c) == other_kind(kind)]
 
-        concept_forms = check_pair_templates(cfg.concept_templates, "concept_templates")
+        trained_paraphrases = paraphrases(cfg)
+        concept_forms = [*trained_paraphrases, *check_pair_templates(cfg.concept_templates, "concept_templates")]
 
         def named(concept: str, kind: str) -> list[str]:  # the prompts naming a concept in its world contexts
             return in_context(concept, kind, context(kind), concept_forms)
 
         forget = request.prompts or named(request.concept, request.kind)
         extra = check_pair_templates(cfg.retain.extra_templates, "retain.extra_templates")
-        retain = retain_prompts(retain_replayed, extra)
-        fresh = set(retain_prompts([c for c in retain_replayed if c not in touched], extra))  # untouched concepts only
+        retain_forms = [*trained_paraphrases, *extra]
+        retain = retain_prompts(retain_replayed, retain_forms)
+        fresh = set(retain_prompts([c for c in retain_replayed if c not in touched], retain_forms))  # untouched only
         retain_touched = [p not in fresh for p in retain]
         anchor_templates = check_pair_templates(cfg.regularizers.key_value_anchor.templates,
                                                 "regularizers.key_value_anchor.templates")  # fmt: skip
