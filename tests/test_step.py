@@ -230,6 +230,9 @@ def test_a_held_out_paraphrase_writes_no_prompt_of_the_step():
                              (str(concepts.PARAPHRASE_TEMPLATES).replace('"', "'"), "every paraphrase held out")):
         with pytest.raises(ValueError, match=message):
             plan_prompts(request, [], fast_cfg(f"held_out_paraphrases={setting}"), distances=None, encoder=None)
+    with pytest.raises(ValueError, match=r"held_out_paraphrases holds MiniCanvas's .* world='real'"):
+        plan_prompts(Request("star", "other", prompts=["a star"]), [],
+                     fast_cfg("world=real", f"held_out_paraphrases=['{held}']"), None, None)  # fmt: skip
 
 
 def test_concept_templates_write_the_forget_neighbour_and_forgotten_prompts_in_more_sentences():

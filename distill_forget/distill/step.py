@@ -177,6 +177,9 @@ def plan_prompts(
                 "regularizers.key_value_anchor.templates writes MiniCanvas's retained (object, style) pairs in more "
                 f"sentences; world={cfg.world!r} has none (list the sentences in retain.prompts)"
             )
+        if cfg.held_out_paraphrases:
+            raise ValueError(f"held_out_paraphrases holds MiniCanvas's paraphrases out of its prompts; "
+                             f"world={cfg.world!r} has none (its request's prompts are what it trains in)")
 
     if cfg.forget_objective == "esd":  # negative guidance maps to no other prompt: no target to choose
         targets, target_record = [""] * len(forget), {"mode": "none (esd)", "counts": {}}
