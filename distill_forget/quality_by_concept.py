@@ -21,7 +21,8 @@ images that all moved one way shows apart from one made by images that became al
 sharpness and contrast of the model's, the base model's and the renders' images.
 Sampling settings are `configs/evaluate.yaml`'s. `--base-images` takes the base model's grid
 that a run of the loop kept (`RUN/base/images.pt`) instead of drawing it again, refused where the
-run's `config.yaml` records other evaluation seeds or sampler settings.
+run's `config.yaml` records other evaluation seeds, sentences (`evaluate.templates`) or sampler
+settings.
 
 The loop's figure comes from the evaluation's few seeds and moves by tens of points with them
 (`quality_noise`). `--seeds N` reads the figure over N seeds instead (the evaluation's first, then
@@ -120,8 +121,8 @@ def colour_shift(change: torch.Tensor) -> list[float]:
 
 
 def refuse_other_sampling(images_file: Path, cfg) -> None:
-    """Refuse a run's kept base grid (RUN/base/images.pt) drawn with other evaluation seeds or sampler settings
-    than `cfg`'s, as the run's `config.yaml` records them; a file outside a run folder is taken as it is."""
+    """Refuse a run's kept base grid (RUN/base/images.pt) drawn with other evaluation seeds, sentences or sampler
+    settings than `cfg`'s, as the run's `config.yaml` records them; a file outside a run folder is taken as it is."""
     run = images_file.parent.parent
     saved = run / "config.yaml"
     if not saved.is_file():
@@ -132,6 +133,9 @@ def refuse_other_sampling(images_file: Path, cfg) -> None:
     except Exception as error:  # a YAML or OmegaConf error, or a top level that is no mapping
         raise SystemExit(f"{saved} cannot be read as a run's config ({error}); pass --base FOLDER") from None
     differ = [f"{key} {drawn[key]} (here {cfg[key]})" for key in ("seeds", *SAMPLED_WITH) if drawn[key] != cfg[key]]
+    sentences = list(drawn.get("templates") or [])  # runs before `evaluate.templates` drew the evaluation's alone
+    if sentences != list(cfg.templates):
+        differ.append(f"templates {sentences} (here {list(cfg.templates)})")
     if differ:
         raise SystemExit(f"{images_file} was drawn with other evaluation settings ({saved}): "
                          f"{', '.join(differ)}; pass --base FOLDER instead")  # fmt: skip
@@ -171,13 +175,13 @@ def main(argv=None) -> None:
         raise SystemExit("no retained (object, style) pair is left: every pair names a --forgotten concept")
     images, folders = {}, {"base": args.base, "model": args.model}
     if args.base_images is not None:
+        refuse_other_sampling(args.base_images, cfg)
         grid = torch_load(args.base_images, "base model images")
         if len(grid) != len(items):
             raise SystemExit(
                 f"{args.base_images} holds {len(grid)} images, not the {len(items)} of the evaluation grid "
                 "(configs/evaluate.yaml's seeds): pass --base FOLDER instead"
             )
-        refuse_other_sampling(args.base_images, cfg)
         images["base"] = grid[keep]
         del folders["base"]
     elif args.base_cache is not None:

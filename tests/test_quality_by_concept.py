@@ -146,6 +146,11 @@ def test_a_runs_base_images_drawn_with_other_evaluation_settings_are_refused(tmp
     OmegaConf.save({"evaluate": OmegaConf.merge(cfg, {"seeds": [5, 6, 7], "sampling_steps": 4})}, config)
     with pytest.raises(SystemExit, match=r"seeds \[5, 6, 7\] .*sampling_steps 4"):
         main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept)])
+    more = "a drawing of a {object} in {style} style"  # a run that drew its grid in one more sentence
+    OmegaConf.save({"evaluate": OmegaConf.merge(cfg, {"templates": [more]})}, config)
+    torch.save(torch.zeros((2 * len(grid_prompts(cfg.seeds)), 3, 8, 8), dtype=torch.uint8), kept)
+    with pytest.raises(SystemExit, match=r"other evaluation settings .*templates \['a drawing of"):
+        main(["--model", str(tiny_pipeline_dir), "--base-images", str(kept)])
     config.write_text("evaluate: [unclosed")
     with pytest.raises(SystemExit, match="cannot be read as a run's config"):
         refuse_other_sampling(kept, cfg)
