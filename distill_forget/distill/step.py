@@ -64,6 +64,18 @@ from distill_forget.storage import atomic_dir, write_json
 from distill_forget.world import concepts
 
 RECORD_FILE = "distill_step.json"  # the step's record, saved inside the student's folder
+# Settings that write MiniCanvas's sentences, refused in another world: what each does, where that world's go instead
+MINICANVAS_SENTENCE_SETTINGS = {
+    "concept_templates": (
+        "writes MiniCanvas's concepts in more sentences", "list the sentences in the request's prompts"
+    ),
+    "regularizers.key_value_anchor.templates": (
+        "writes MiniCanvas's retained (object, style) pairs in more sentences", "list the sentences in retain.prompts"
+    ),
+    "held_out_paraphrases": (
+        "holds MiniCanvas's paraphrases out of its prompts", "its request's prompts are what it trains in"
+    ),
+}
 
 
 def as_request(item: Request | str, world: str) -> Request:
@@ -169,17 +181,9 @@ def plan_prompts(
         candidates = without_excluded(request.targets or [""], cfg.target.exclude, request)
         retain_replayed, anchored = [], []
         retain_touched = [any(mentions(p, c) for c in touched) for p in retain]
-        if cfg.concept_templates:
-            raise ValueError(f"concept_templates writes MiniCanvas's concepts in more sentences; world={cfg.world!r} "
-                             "has none (list the sentences in the request's prompts)")
-        if cfg.regularizers.key_value_anchor.templates:
-            raise ValueError(
-                "regularizers.key_value_anchor.templates writes MiniCanvas's retained (object, style) pairs in more "
-                f"sentences; world={cfg.world!r} has none (list the sentences in retain.prompts)"
-            )
-        if cfg.held_out_paraphrases:
-            raise ValueError(f"held_out_paraphrases holds MiniCanvas's paraphrases out of its prompts; "
-                             f"world={cfg.world!r} has none (its request's prompts are what it trains in)")
+        for setting, (does, instead) in MINICANVAS_SENTENCE_SETTINGS.items():
+            if OmegaConf.select(cfg, setting):
+                raise ValueError(f"{setting} {does}; world={cfg.world!r} has none ({instead})")
 
     if cfg.forget_objective == "esd":  # negative guidance maps to no other prompt: no target to choose
         targets, target_record = [""] * len(forget), {"mode": "none (esd)", "counts": {}}
