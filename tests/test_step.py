@@ -212,6 +212,9 @@ def test_extra_templates_add_retain_sentences_but_never_the_evaluations():
                               ("a {object} drawn in {style} style", r"does not know \['drawn'\]")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             plan_prompts(request, [], fast_cfg(f"retain.extra_templates=['{template}']"), distances=None, encoder=None)
+    with pytest.raises(ValueError, match=r"retain.extra_templates writes MiniCanvas's .* world='real'"):
+        plan_prompts(Request("star", "other", prompts=["a star"]), [],
+                     fast_cfg("world=real", f"retain.extra_templates=['{extra}']"), None, None)  # fmt: skip
 
 
 def test_a_held_out_paraphrase_writes_no_prompt_of_the_step():

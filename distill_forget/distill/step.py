@@ -69,6 +69,9 @@ MINICANVAS_SENTENCE_SETTINGS = {
     "concept_templates": (
         "writes MiniCanvas's concepts in more sentences", "list the sentences in the request's prompts"
     ),
+    "retain.extra_templates": (
+        "writes MiniCanvas's retained (object, style) pairs in more sentences", "list the sentences in retain.prompts"
+    ),
     "regularizers.key_value_anchor.templates": (
         "writes MiniCanvas's retained (object, style) pairs in more sentences", "list the sentences in retain.prompts"
     ),
