@@ -41,7 +41,7 @@ import torch
 from omegaconf import OmegaConf
 
 from distill_forget.check import CHECKED, against_bars
-from distill_forget.config import read_config, resolve_model_dir
+from distill_forget.config import LOOP_SECTIONS, read_defaults, resolve_model_dir
 from distill_forget.evaluate import (
     generate,
     grid_prompts,
@@ -105,11 +105,11 @@ def sentence_folder(template: str | None) -> str:
 
 
 def run_config(run: Path):
-    """A run's saved config over today's defaults (a run from before a setting existed reads its default); a folder
-    without one is refused by name."""
+    """A run's saved config over today's defaults, the loop's sections too (a run from before a setting existed reads
+    its default); a folder without one is refused by name."""
     if not (run / "config.yaml").is_file():
         raise SystemExit(f"{run} is not a run folder of python -m distill_forget.train (no config.yaml)")
-    return OmegaConf.merge(read_config("train"), OmegaConf.load(run / "config.yaml"))
+    return OmegaConf.merge(read_defaults("train", LOOP_SECTIONS), OmegaConf.load(run / "config.yaml"))
 
 
 def take_base_from(other: Path, run_cfg, weights: str, cache: Path, say=print, template: str | None = None) -> None:

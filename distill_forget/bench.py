@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from distill_forget import train
-from distill_forget.config import CONFIG_DIR, load_config, read_config
+from distill_forget.config import CONFIG_DIR, LOOP_SECTIONS, load_config, read_config
 from distill_forget.report import MAIN_METRICS, RETENTION, TITLES, _is_number, _request_axis, _save_png
 from distill_forget.storage import atomic_file, write_json
 
@@ -160,7 +160,7 @@ def main(argv=None) -> None:
         for m, (_, method_args) in methods.items()
     }
     for args in arguments.values():  # and every setting, by the loop's own config checks
-        loop_cfg = load_config("train", args, sections=("step", "evaluate"))
+        loop_cfg = load_config("train", args, sections=LOOP_SECTIONS)
         train.check_loop_settings(loop_cfg)
         if not loop_cfg.evaluate_every_step:
             raise SystemExit("the bench compares evaluations after every request: evaluate_every_step must stay true")

@@ -12,6 +12,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR.parent / "configs"
 MINICANVAS_DIR = PACKAGE_DIR / "assets" / "minicanvas"  # the shipped model and judge
 CONCEPT_BANK = PACKAGE_DIR / "assets" / "concept_bank.yaml"  # candidate neighbours for real models
+LOOP_SECTIONS = ("step", "evaluate")  # the commands the loop drives, mounted under their names in its config
 
 
 def read_config(name: str) -> DictConfig:
@@ -19,6 +20,14 @@ def read_config(name: str) -> DictConfig:
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found (is the repository checked out whole?)")
     return OmegaConf.load(path)
+
+
+def read_defaults(name: str, sections: tuple[str, ...] = ()) -> DictConfig:
+    """`configs/<name>.yaml` with each name in `sections` mounted under that key from `configs/<section>.yaml`."""
+    base = read_config(name)
+    for section in sections:
+        base[section] = read_config(section)
+    return base
 
 
 def load_config(name: str, argv: list[str] | None = None, doc: str = "", sections: tuple[str, ...] = ()) -> DictConfig:
@@ -33,9 +42,7 @@ def load_config(name: str, argv: list[str] | None = None, doc: str = "", section
     presets = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
     argv = [a for a in argv if not a.startswith("config=")]
     path = CONFIG_DIR / f"{name}.yaml"
-    base = read_config(name)
-    for section in sections:
-        base[section] = read_config(section)
+    base = read_defaults(name, sections)
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip() + "\n")
         print(f"Settings (from {path}); override any with key=value:\n")

@@ -132,10 +132,9 @@ def refuse_other_sampling(images_file: Path, cfg) -> None:
         drawn = run_config(run).evaluate
     except Exception as error:  # a YAML or OmegaConf error, or a top level that is no mapping
         raise SystemExit(f"{saved} cannot be read as a run's config ({error}); pass --base FOLDER") from None
-    differ = [f"{key} {drawn[key]} (here {cfg[key]})" for key in ("seeds", *SAMPLED_WITH) if drawn[key] != cfg[key]]
-    sentences = list(drawn.get("templates") or [])  # runs before `evaluate.templates` drew the evaluation's alone
-    if sentences != list(cfg.templates):
-        differ.append(f"templates {sentences} (here {list(cfg.templates)})")
+    # a run from before `evaluate.templates` reads its default, [] (the evaluation's sentence alone)
+    keys = ("seeds", "templates", *SAMPLED_WITH)
+    differ = [f"{key} {drawn[key]} (here {cfg[key]})" for key in keys if drawn[key] != cfg[key]]
     if differ:
         raise SystemExit(f"{images_file} was drawn with other evaluation settings ({saved}): "
                          f"{', '.join(differ)}; pass --base FOLDER instead")  # fmt: skip

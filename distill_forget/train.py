@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from callbacks import WandbReport
 from distill_forget.check import check_evaluation, check_settings, evaluate_base_check, train_checked
-from distill_forget.config import load_config, resolve_model_dir
+from distill_forget.config import LOOP_SECTIONS, load_config, resolve_model_dir
 from distill_forget.distill.module import CheckpointError
 from distill_forget.distill.prompts import trained_templates
 from distill_forget.distill.step import RECORD_FILE, run_step, save_student, with_plan_overrides
@@ -169,7 +169,7 @@ def evaluate_step(
 
 def evaluate_base(argv) -> None:
     """The starting model's evaluation alone, into RUN_DIR/base (the loop does it when it is missing)."""
-    cfg = load_config("train", argv, sections=("step", "evaluate"))
+    cfg = load_config("train", argv, sections=LOOP_SECTIONS)
     torch.set_num_threads(cfg.threads)
     print("[base] evaluating the starting model", flush=True)
     sets = {"forgotten": [], "replayed": None}
@@ -214,7 +214,7 @@ def save_forget_retain_grid(images: torch.Tensor, result: dict, path: Path) -> N
 
 
 def main(argv=None) -> None:
-    cfg = load_config("train", argv, __doc__, sections=("step", "evaluate"))
+    cfg = load_config("train", argv, __doc__, sections=LOOP_SECTIONS)
     torch.set_num_threads(cfg.threads)
     ranks = Ranks.start(cfg.step.accelerator)  # processes come from torchrun / srun (launch/); rank 0 writes
     run_dir = Path(cfg.run_dir)
