@@ -633,6 +633,15 @@ def test_a_neighbour_far_nearer_than_the_target_trains_with_close_overrides():
     wrong = fast_cfg("target.mode=score", "neighbors.close_margin=0.3", "neighbors.close_overrides={seed: 3}")
     with pytest.raises(ValueError, match=r"close_overrides: \['seed'\] decide the plan"):
         plan_settings(wrong, far, onto_triangle)
+    # of the neighbour settings, the twins only weigh rows every plan writes: they may be switched on here
+    twins_on = "neighbors.close_overrides={neighbors: {twins: true}}"
+    twins = fast_cfg("target.mode=score", "neighbors.close_margin=0.3", twins_on)
+    trained = plan_settings(twins, far, onto_triangle)
+    assert trained.neighbors.twins and not twins.neighbors.twins and trained.neighbors.top_k == twins.neighbors.top_k
+    for bad in ("{neighbors: {top_k: 4}}", "{neighbors: {twins: true, top_k: 4}}"):
+        wrong = fast_cfg("target.mode=score", "neighbors.close_margin=0.3", f"neighbors.close_overrides={bad}")
+        with pytest.raises(ValueError, match=r"close_overrides: \['neighbors'\] decide the plan"):
+            plan_settings(wrong, far, onto_triangle)
 
 
 def test_the_module_of_a_plan_with_a_neighbour_between_aims_past_its_target(tiny_pipeline_dir):

@@ -307,6 +307,8 @@ def request_settings(cfg: DictConfig, request: Request, forgotten: list[Request]
 
 # Settings that decide the plan itself: plan overrides are merged after planning, so they may not hold them.
 PLANNING_SETTINGS = ("world", "seed", "forget_objective", "neighbors", "target", "score", "retain")
+# Their keys that only weigh what every plan writes (each forget prompt's neighbour twins), so plan overrides may.
+TRAINING_KEYS_OF_PLANNING_SETTINGS = {"neighbors": {"twins"}}
 
 # Training settings for a request whose plan has a value under a margin, merged once the plan is made, in this
 # order, the request's own overrides last: (the plan's record holding the value, its name, the margin's setting,
@@ -322,11 +324,16 @@ def plan_overrides(cfg: DictConfig, setting: str) -> dict:
     that decides the plan (it would be ignored)."""
     overrides = OmegaConf.select(cfg, setting)
     overrides = OmegaConf.to_container(overrides) if overrides else {}
-    planning = [k for k in overrides if k in PLANNING_SETTINGS]
+    planning = [
+        key
+        for key, value in overrides.items()
+        if key in PLANNING_SETTINGS
+        and not (isinstance(value, dict) and set(value) <= TRAINING_KEYS_OF_PLANNING_SETTINGS.get(key, set()))
+    ]
     if planning:
         raise ValueError(
             f"step.{setting}: {planning} decide the plan, which is made before these settings apply; "
-            f"only training settings may be overridden (not {', '.join(PLANNING_SETTINGS)})"
+            f"only training settings may be overridden: not {', '.join(PLANNING_SETTINGS)} (of neighbors, twins may)"
         )
     return overrides
 
