@@ -655,6 +655,21 @@ def test_the_module_of_a_plan_with_a_neighbour_between_aims_past_its_target(tiny
     assert module.objectives["forget"].overshoot == 0.0
 
 
+def test_the_module_of_a_plan_with_a_neighbour_far_nearer_than_its_target_trains_the_twins_its_rule_switches_on(
+    tiny_pipeline_dir,
+):
+    request = Request("circle", "object", neighbors=["ring"])
+    twins_on = "neighbors.close_overrides={lambda_n: 100.0, neighbors: {twins: true}}"
+    every = fast_cfg("target.mode=score", "neighbors.close_margin=100", twins_on)  # any plan's ratio is under it
+    module, plan = build_module(tiny_pipeline_dir, request, every)
+    assert plan["neighbors"]["close_overrides"] == {"lambda_n": 100.0, "neighbors": {"twins": True}}
+    module.setup()  # encodes the prompts: the twins' rows with them
+    assert module.weights["twin"] == module.weights["neighbor"] == 100.0 and module.twin_table is not None
+    module, _ = build_module(tiny_pipeline_dir, request, fast_cfg("target.mode=score", "neighbors.close_margin=0"))
+    module.setup()
+    assert module.weights["twin"] == 0.0 and module.twin_table is None
+
+
 def test_target_and_the_concepts_closest_to_it_join_the_neighbour_replay_with_protect():
     def distances(_prompt, sentences):  # `plus sign` is closest to anything, then ring, triangle, heart
         order = {"plus sign": 0.0, "ring": 1.0, "triangle": 1.5, "heart": 1.8}
